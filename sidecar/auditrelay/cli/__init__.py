@@ -1,0 +1,51 @@
+"""The ``auditrelay`` command: one sub-command per module of this package.
+
+Each sub-command module offers ``add_parser(subparsers)`` and ``run(args) -> int``; this module
+only dispatches and turns errors into exit codes (0 ok, 1 the command's own "found a
+problem" answer, 2 bad input or configuration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+from auditrelay import __version__
+from auditrelay.errors import AuditRelayError
+
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser, with every sub-command registered."""
+    parser = argparse.ArgumentParser(
+        prog="auditrelay",
+        description="Ship Kubernetes audit logs from Fluent Bit to Azure Monitor Logs Ingestion.",
+    )
+    parser.add_argument("--version", action="version", version=f"auditrelay {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in sorted(pkgutil.iter_modules(__path__), key=lambda found: found.name):
+        importlib.import_module(f"{__name__}.{module.name}").add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except AuditRelayError as error:
+        print(f"auditrelay {args.command}: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

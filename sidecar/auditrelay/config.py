@@ -1,0 +1,444 @@
+"""Configuration: one typed, validated object per pipeline, built in one place.
+
+Every setting of a pipeline is a property of the Fluent Bit ``[OUTPUT] Name auditrelay``
+section. ``PROPERTIES`` is the one list of them: the plugin's Go key list and Fluent Bit
+config map are generated from it (``make generate``), the docs table too, and
+``PipelineSettings.from_properties`` parses and validates a Configure request against it.
+
+The sidecar's own process settings (``ServerSettings``) come from flags or ``AUDITRELAY_*``
+environment variables derived from the field names.
+
+Names avoid the keys Fluent Bit reserves for itself (``host``, ``port``, ``tls.*``,
+``workers``, ``match``, ``retry_limit``, ``storage.*``, ...); Fluent Bit would never pass
+them to the plugin.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from auditrelay.errors import ConfigError, PropertyProblem
+
+BUNDLED_POLICY = Path(__file__).parent / "data" / "audit_policy.yaml"
+
+
+class Owner(enum.Enum):
+    """Which side acts on a property: the plugin itself, or the sidecar's pipeline."""
+
+    PLUGIN = "plugin"
+    PIPELINE = "pipeline"
+
+
+class Auth(enum.Enum):
+    """How the sidecar obtains tokens for the Logs Ingestion API."""
+
+    WORKLOAD_IDENTITY = "workload_identity"
+    MANAGED_IDENTITY = "managed_identity"
+    CLIENT_SECRET = "client_secret"
+    CLIENT_CERTIFICATE = "client_certificate"
+    DEFAULT = "default"
+
+
+class Cloud(enum.Enum):
+    """The Azure cloud, which fixes the token authority and the ingestion audience."""
+
+    PUBLIC = "public"
+    USGOV = "usgov"
+    CHINA = "china"
+
+
+CLOUD_AUTHORITY = {
+    Cloud.PUBLIC: "https://login.microsoftonline.com",
+    Cloud.USGOV: "https://login.microsoftonline.us",
+    Cloud.CHINA: "https://login.chinacloudapi.cn",
+}
+CLOUD_AUDIENCE = {
+    Cloud.PUBLIC: "https://monitor.azure.com",
+    Cloud.USGOV: "https://monitor.azure.us",
+    Cloud.CHINA: "https://monitor.azure.cn",
+}
+
+
+class SpoolSync(enum.Enum):
+    """When spool appends reach the disk."""
+
+    ALWAYS = "always"  # fsync before every ACCEPTED reply: nothing acknowledged is ever lost
+    INTERVAL = "interval"  # fsync every spool_sync_interval: a power loss may lose that interval
+
+
+# --- value parsers: each returns the parsed value or raises ValueError(expected) -------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", re.IGNORECASE)
+_DURATION_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_UNIT = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_DCR_ID = re.compile(r"^dcr-[0-9a-f]{32}$")
+_STREAM = re.compile(r"^Custom-[A-Za-z][A-Za-z0-9_]{0,44}$")
+
+
+def parse_duration(text: str) -> float:
+    """'500ms', '5s', '2m', '1h' or plain seconds, to seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError("a duration such as 500ms, 5s, 2m or 1h")
+    return float(match.group(1)) * _DURATION_UNIT[(match.group(2) or "s").lower()]
+
+
+def parse_size(text: str) -> int:
+    """'1048576', '512k', '64M', '2G' (binary units), to bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError("a size such as 512k, 64M or 2G")
+    return int(match.group(1)) * _SIZE_UNIT[(match.group(2) or "")[:1].lower()]
+
+
+def parse_bool(text: str) -> bool:
+    """Fluent Bit's boolean spellings."""
+    lowered = text.strip().lower()
+    if lowered in ("on", "true", "yes", "1"):
+        return True
+    if lowered in ("off", "false", "no", "0"):
+        return False
+    raise ValueError("on or off")
+
+
+def _choice(enum_type: type[enum.Enum]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return enum_type(text.strip().lower())
+        except ValueError:
+            allowed = ", ".join(str(member.value) for member in enum_type)
+            raise ValueError(f"one of: {allowed}") from None
+
+    return parse
+
+
+def _int_range(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError(f"an integer from {low} to {high}") from None
+        if not low <= value <= high:
+            raise ValueError(f"an integer from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _positive(parse: Callable[[str], Any], what: str) -> Callable[[str], Any]:
+    def parse_positive(text: str) -> Any:
+        value = parse(text)
+        if value <= 0:
+            raise ValueError(f"a positive {what}")
+        return value
+
+    return parse_positive
+
+
+def parse_https_url(text: str) -> str:
+    """An https URL with a host, returned without a trailing slash."""
+    parts = urlsplit(text.strip())
+    if parts.scheme != "https" or not parts.hostname:
+        raise ValueError("an https:// URL such as https://my-dce.westeurope-1.ingest.monitor.azure.com")
+    return text.strip().rstrip("/")
+
+
+def parse_dcr_id(text: str) -> str:
+    """A data collection rule's immutable id."""
+    if not _DCR_ID.match(text.strip()):
+        raise ValueError("the rule's immutable id: dcr- followed by 32 hex digits")
+    return text.strip()
+
+
+def parse_stream(text: str) -> str:
+    """A custom stream name of the data collection rule."""
+    if not _STREAM.match(text.strip()):
+        raise ValueError("a custom stream name: Custom- followed by a letter and up to 44 letters, digits or _")
+    return text.strip()
+
+
+def parse_readable_file(text: str) -> Path:
+    """A path to a file this process can read."""
+    path = Path(text.strip())
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise ValueError("a path to a readable file")
+    return path
+
+
+def parse_text(text: str) -> str:
+    """Any non-empty text."""
+    if not text.strip():
+        raise ValueError("a non-empty value")
+    return text.strip()
+
+
+def parse_sidecar_address(text: str) -> str:
+    """unix:///absolute/path or host:port."""
+    value = text.strip()
+    if value.startswith("unix://"):
+        if not value[len("unix://") :].startswith("/"):
+            raise ValueError("unix:///absolute/path.sock or host:port")
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("unix:///absolute/path.sock or host:port")
+    return value
+
+
+# --- the property table -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Property:
+    """One key of the ``[OUTPUT] Name auditrelay`` section."""
+
+    name: str
+    owner: Owner
+    description: str
+    default: str | None = None  # as the user would write it; None means not set
+    parse: Callable[[str], Any] = parse_text
+    secret: bool = False  # never logged, never echoed in an error
+
+
+PROPERTIES: tuple[Property, ...] = (
+    # The plugin's own: how to reach the sidecar.
+    Property("sidecar_address", Owner.PLUGIN,
+             "Where the sidecar listens: unix:///path.sock (shared in the pod) or host:port (TLS).",
+             "unix:///run/auditrelay/relay.sock", parse_sidecar_address),
+    Property("sidecar_tls_ca", Owner.PLUGIN,
+             "CA bundle that signed the sidecar's certificate; required for host:port addresses.",
+             None, parse_readable_file),
+    Property("sidecar_tls_cert", Owner.PLUGIN,
+             "Client certificate the plugin presents to the sidecar (mTLS).", None, parse_readable_file),
+    Property("sidecar_tls_key", Owner.PLUGIN,
+             "Private key of sidecar_tls_cert.", None, parse_readable_file),
+    Property("sidecar_timeout", Owner.PLUGIN,
+             "Hard deadline of one Push; a flush that takes longer is retried by Fluent Bit.",
+             "2s", _positive(parse_duration, "duration")),
+    Property("sidecar_wait", Owner.PLUGIN,
+             "How long init waits for the sidecar to come up before Fluent Bit gives up.",
+             "30s", _positive(parse_duration, "duration")),
+    # The pipeline's: where the events go.
+    Property("endpoint", Owner.PIPELINE,
+             "Logs ingestion endpoint of the DCR or its DCE. Unset: the bundled local emulator.",
+             None, parse_https_url),
+    Property("endpoint_ca", Owner.PIPELINE,
+             "Extra CA bundle to trust for the endpoint (the emulator's CA, a TLS-inspecting proxy).",
+             None, parse_readable_file),
+    Property("dcr_id", Owner.PIPELINE,
+             "Immutable id of the data collection rule (dcr-...). Required with endpoint.",
+             None, parse_dcr_id),
+    Property("stream", Owner.PIPELINE,
+             "Stream of the data collection rule that receives the rows.",
+             "Custom-KubeAudit_CL", parse_stream),
+    Property("auth", Owner.PIPELINE,
+             "How to get tokens: workload_identity, managed_identity, client_secret, "
+             "client_certificate or default (DefaultAzureCredential).",
+             "workload_identity", _choice(Auth)),
+    Property("cloud", Owner.PIPELINE,
+             "Azure cloud: public, usgov or china; sets the token authority and audience.",
+             "public", _choice(Cloud)),
+    Property("authority_host", Owner.PIPELINE,
+             "Overrides the Microsoft Entra authority of the cloud (https URL).",
+             None, parse_https_url),
+    Property("tenant_id", Owner.PIPELINE, "Microsoft Entra tenant id.", None),
+    Property("client_id", Owner.PIPELINE,
+             "Application (client) id, or the user-assigned managed identity's client id.", None),
+    Property("client_secret", Owner.PIPELINE,
+             "Client secret for auth client_secret. Prefer an environment reference: ${VAR}.",
+             None, secret=True),
+    Property("client_certificate", Owner.PIPELINE,
+             "PEM file with the certificate and private key for auth client_certificate.",
+             None, parse_readable_file),
+    Property("federated_token_file", Owner.PIPELINE,
+             "Projected service-account token for workload_identity "
+             "(default: $AZURE_FEDERATED_TOKEN_FILE).", None, parse_readable_file),
+    Property("cluster_name", Owner.PIPELINE,
+             "Cluster name written into every row (Cluster_Name).", None),
+    Property("cluster_id", Owner.PIPELINE,
+             "Cluster identity written into every row (Cluster_Id), e.g. the Arc resource id.", None),
+    Property("policy", Owner.PIPELINE,
+             "Audit policy file applied to every event (default: the bundled Defender policy).",
+             None, parse_readable_file),
+    Property("compression_level", Owner.PIPELINE,
+             "gzip level of request bodies, 1 (fastest) to 9 (smallest).", "1", _int_range(1, 9)),
+    Property("batch_interval", Owner.PIPELINE,
+             "Longest time a row waits for its batch to fill before it is sent.",
+             "1s", _positive(parse_duration, "duration")),
+    Property("max_concurrency", Owner.PIPELINE,
+             "Requests in flight to the endpoint at once.", "2", _int_range(1, 64)),
+    Property("request_timeout", Owner.PIPELINE,
+             "Deadline of one request to the endpoint.", "30s", _positive(parse_duration, "duration")),
+    Property("spool_limit", Owner.PIPELINE,
+             "Disk the pipeline's spool may use; when full, Fluent Bit is asked to retry later.",
+             "1G", _positive(parse_size, "size")),
+    Property("spool_sync", Owner.PIPELINE,
+             "always: fsync before acknowledging a chunk; interval: every spool_sync_interval "
+             "(a power loss may lose that interval).", "always", _choice(SpoolSync)),
+    Property("spool_sync_interval", Owner.PIPELINE,
+             "fsync period when spool_sync is interval.", "1s", _positive(parse_duration, "duration")),
+    Property("not_ready_after", Owner.PIPELINE,
+             "How long delivery may fail before /readyz reports not ready.",
+             "5m", _positive(parse_duration, "duration")),
+)  # fmt: skip
+
+PROPERTY_BY_NAME: dict[str, Property] = {prop.name: prop for prop in PROPERTIES}
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSettings:
+    """Everything one pipeline needs, parsed and checked. Units: seconds and bytes."""
+
+    instance_name: str
+    endpoint: str | None
+    endpoint_ca: Path | None
+    dcr_id: str | None
+    stream: str
+    auth: Auth
+    cloud: Cloud
+    authority_host: str
+    audience: str
+    tenant_id: str | None
+    client_id: str | None
+    client_secret: str | None
+    client_certificate: Path | None
+    federated_token_file: Path | None
+    cluster_name: str
+    cluster_id: str
+    policy: Path
+    compression_level: int
+    batch_interval: float
+    max_concurrency: int
+    request_timeout: float
+    spool_limit: int
+    spool_sync: SpoolSync
+    spool_sync_interval: float
+    not_ready_after: float
+
+    @property
+    def uses_emulator(self) -> bool:
+        """No endpoint set: the pipeline delivers to the bundled local emulator."""
+        return self.endpoint is None
+
+    @classmethod
+    def from_properties(
+        cls, properties: Mapping[str, str], instance_name: str = "auditrelay.0"
+    ) -> PipelineSettings:
+        """Parses a Configure request's properties; raises ConfigError listing every problem."""
+        values, problems = _parse_all(properties)
+        problems += _check_combinations(values)
+        if problems:
+            raise ConfigError(problems)
+        cloud: Cloud = values["cloud"]
+        return cls(
+            instance_name=instance_name,
+            endpoint=values["endpoint"],
+            endpoint_ca=values["endpoint_ca"],
+            dcr_id=values["dcr_id"],
+            stream=values["stream"],
+            auth=values["auth"],
+            cloud=cloud,
+            authority_host=values["authority_host"] or CLOUD_AUTHORITY[cloud],
+            audience=CLOUD_AUDIENCE[cloud],
+            tenant_id=values["tenant_id"],
+            client_id=values["client_id"],
+            client_secret=values["client_secret"],
+            client_certificate=values["client_certificate"],
+            federated_token_file=values["federated_token_file"],
+            cluster_name=values["cluster_name"] or "",
+            cluster_id=values["cluster_id"] or "",
+            policy=values["policy"] or BUNDLED_POLICY,
+            compression_level=values["compression_level"],
+            batch_interval=values["batch_interval"],
+            max_concurrency=values["max_concurrency"],
+            request_timeout=values["request_timeout"],
+            spool_limit=values["spool_limit"],
+            spool_sync=values["spool_sync"],
+            spool_sync_interval=values["spool_sync_interval"],
+            not_ready_after=values["not_ready_after"],
+        )
+
+
+def _parse_all(properties: Mapping[str, str]) -> tuple[dict[str, Any], list[PropertyProblem]]:
+    given = {key.lower(): value for key, value in properties.items()}
+    values: dict[str, Any] = {}
+    problems: list[PropertyProblem] = []
+    for key in sorted(set(given) - set(PROPERTY_BY_NAME)):
+        problems.append(PropertyProblem(key, given[key], "a known property (see docs/configuration.md)"))
+    for prop in PROPERTIES:
+        raw = given.get(prop.name, prop.default)
+        if raw is None or (raw == "" and prop.default is None):
+            values[prop.name] = None
+            continue
+        try:
+            values[prop.name] = prop.parse(raw)
+        except ValueError as error:
+            shown = "" if prop.secret else raw
+            problems.append(PropertyProblem(prop.name, shown, str(error)))
+    return values, problems
+
+
+def _require(values: Mapping[str, Any], name: str, why: str) -> list[PropertyProblem]:
+    if values.get(name) is None:
+        return [PropertyProblem(name, "", f"a value {why}")]
+    return []
+
+
+def _check_combinations(values: Mapping[str, Any]) -> list[PropertyProblem]:
+    problems: list[PropertyProblem] = []
+    if values.get("endpoint") is not None:
+        problems += _require(values, "dcr_id", "when endpoint is set")
+    if values.get("dcr_id") is not None and values.get("endpoint") is None:
+        problems += _require(values, "endpoint", "when dcr_id is set")
+    auth = values.get("auth")
+    if values.get("endpoint") is not None and auth is Auth.CLIENT_SECRET:
+        for name in ("tenant_id", "client_id", "client_secret"):
+            problems += _require(values, name, "for auth client_secret")
+    if values.get("endpoint") is not None and auth is Auth.CLIENT_CERTIFICATE:
+        for name in ("tenant_id", "client_id", "client_certificate"):
+            problems += _require(values, name, "for auth client_certificate")
+    return problems
+
+
+# --- the sidecar process ----------------------------------------------------------------------
+
+
+class LogFormat(enum.Enum):
+    """How log lines look: JSON for collectors, console for people, auto picks by the terminal."""
+
+    AUTO = "auto"
+    JSON = "json"
+    CONSOLE = "console"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """The sidecar process's own settings (flags, or AUDITRELAY_<FIELD> in the environment)."""
+
+    listen: str = "unix:///run/auditrelay/relay.sock"  # unix:///path.sock or host:port (TLS)
+    tls_cert: Path | None = None  # server certificate, required for a TCP listen address
+    tls_key: Path | None = None  # its private key
+    tls_client_ca: Path | None = None  # when set, clients must present a certificate it signed
+    state_dir: Path = Path("/var/lib/auditrelay")  # spools, dead letters, the emulator's CA
+    metrics_address: str = "127.0.0.1:2021"  # host:port of /metrics, /healthz and /readyz
+    log_format: LogFormat = LogFormat.AUTO
+    log_level: str = "info"
+    max_chunk_bytes: int = 64 << 20  # the largest Push accepted; Fluent Bit chunks are ~2 MB
+
+    @staticmethod
+    def env_name(field_name: str) -> str:
+        """The environment variable that sets a field: AUDITRELAY_<FIELD>."""
+        return f"AUDITRELAY_{field_name.upper()}"
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Every setting's name, in declaration order."""
+        return [item.name for item in fields(cls)]
