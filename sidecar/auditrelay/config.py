@@ -41,7 +41,7 @@ class Auth(enum.Enum):
 
     WORKLOAD_IDENTITY = "workload_identity"
     MANAGED_IDENTITY = "managed_identity"
-    CLIENT_SECRET = "client_secret"
+    CLIENT_SECRET = "client_secret"  # noqa: S105 - the name of an auth method, not a secret
     CLIENT_CERTIFICATE = "client_certificate"
     DEFAULT = "default"
 
@@ -147,7 +147,9 @@ def parse_https_url(text: str) -> str:
     """An https URL with a host, returned without a trailing slash."""
     parts = urlsplit(text.strip())
     if parts.scheme != "https" or not parts.hostname:
-        raise ValueError("an https:// URL such as https://my-dce.westeurope-1.ingest.monitor.azure.com")
+        raise ValueError(
+            "an https:// URL such as https://my-dce.westeurope-1.ingest.monitor.azure.com"
+        )
     return text.strip().rstrip("/")
 
 
@@ -161,7 +163,9 @@ def parse_dcr_id(text: str) -> str:
 def parse_stream(text: str) -> str:
     """A custom stream name of the data collection rule."""
     if not _STREAM.match(text.strip()):
-        raise ValueError("a custom stream name: Custom- followed by a letter and up to 44 letters, digits or _")
+        raise ValueError(
+            "a custom stream name: Custom- followed by a letter and up to 44 letters, digits or _"
+        )
     return text.strip()
 
 
@@ -370,9 +374,10 @@ class PipelineSettings:
 def _parse_all(properties: Mapping[str, str]) -> tuple[dict[str, Any], list[PropertyProblem]]:
     given = {key.lower(): value for key, value in properties.items()}
     values: dict[str, Any] = {}
-    problems: list[PropertyProblem] = []
-    for key in sorted(set(given) - set(PROPERTY_BY_NAME)):
-        problems.append(PropertyProblem(key, given[key], "a known property (see docs/configuration.md)"))
+    problems = [
+        PropertyProblem(key, given[key], "a known property (see docs/configuration.md)")
+        for key in sorted(set(given) - set(PROPERTY_BY_NAME))
+    ]
     for prop in PROPERTIES:
         raw = given.get(prop.name, prop.default)
         if raw is None or (raw == "" and prop.default is None):

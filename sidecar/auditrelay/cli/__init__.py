@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from auditrelay import __version__
 from auditrelay.errors import AuditRelayError
 
-
 EXIT_BAD_INPUT = 2
 
 

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of proto/auditrelay/v1 (make generate). Never edit by hand."""
