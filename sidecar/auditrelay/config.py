@@ -379,6 +379,8 @@ def _parse_all(properties: Mapping[str, str]) -> tuple[dict[str, Any], list[Prop
         for key in sorted(set(given) - set(PROPERTY_BY_NAME))
     ]
     for prop in PROPERTIES:
+        if prop.owner is Owner.PLUGIN:
+            continue  # the plugin checks its own; its files live in Fluent Bit's container
         raw = given.get(prop.name, prop.default)
         if raw is None or (raw == "" and prop.default is None):
             values[prop.name] = None
