@@ -144,7 +144,10 @@ def _object_names(event: dict[str, Any]) -> set[str]:
     return {
         name
         for name in names
-        if len(name) >= 3 and ":" not in name and not name.startswith("coredns") and name != namespace
+        if len(name) >= 3
+        and ":" not in name
+        and not name.startswith("coredns")
+        and name != namespace
     }
 
 
@@ -155,7 +158,7 @@ def _name_pool(name: str, rng: random.Random) -> list[bytes]:
     while len(pool) < NAME_POOL_SIZE:
         tail = "".join(rng.choice(_NAME_CHARS) for _ in range(len(name) - len(keep)))
         pool.add(keep + tail)
-    return [name.encode()] + sorted(n.encode() for n in pool if n != name)
+    return [name.encode(), *sorted(n.encode() for n in pool if n != name)]
 
 
 def compile_template(line: bytes, source: str, rng: random.Random) -> Template:
@@ -223,12 +226,12 @@ def load_templates(samples_dir: Path = SAMPLES_DIR, seed: int = 0) -> list[Templ
     if not files:
         raise FileNotFoundError(f"no *.jsonl audit samples in {samples_dir}")
     rng = random.Random(f"templates-{seed}")
-    templates = []
-    for path in files:
-        for line in path.read_bytes().splitlines():
-            if line.strip():
-                templates.append(compile_template(line, path.name, rng))
-    return templates
+    return [
+        compile_template(line, path.name, rng)
+        for path in files
+        for line in path.read_bytes().splitlines()
+        if line.strip()
+    ]
 
 
 def _random_uuid(rng: random.Random) -> bytes:
@@ -240,7 +243,7 @@ class CorpusEvent:
     """One event of a corpus: the JSON line and when Fluent Bit read it."""
 
     line: bytes
-    read_time_us: int
+    read_time_ns: int
     template: Template
 
 
@@ -259,7 +262,9 @@ def generate(
     for _ in range(count):
         stage_us += max(1, round(rng.expovariate(rate) * 1_000_000))
         template = pool[rng.randrange(len(pool))]
-        yield CorpusEvent(_fill(template, stage_us, rng, formatter), stage_us + READ_DELAY_US, template)
+        yield CorpusEvent(
+            _fill(template, stage_us, rng, formatter), (stage_us + READ_DELAY_US) * 1000, template
+        )
 
 
 def _fill(
@@ -286,22 +291,26 @@ def _fill(
 
 _ARRAY2 = b"\xdd\x00\x00\x00\x02"  # Fluent Bit writes 32-bit headers even for tiny arrays
 _EMPTY_METADATA = b"\xdf\x00\x00\x00\x00"
-_LOG_KEY = msgpack.packb("log")
+_LOG_KEY = b"\xa3log"
 
 
-def event_time(micros: int) -> bytes:
+def _pack(value: Any) -> bytes:
+    packed: bytes = msgpack.packb(value)
+    return packed
+
+
+def event_time(nanoseconds: int) -> bytes:
     """The EventTime extension (type 0): big-endian uint32 seconds, uint32 nanoseconds."""
-    seconds, fraction = divmod(micros, 1_000_000)
-    return b"\xd7\x00" + struct.pack(">II", seconds, fraction * 1000)
+    return b"\xd7\x00" + struct.pack(">II", *divmod(nanoseconds, 1_000_000_000))
 
 
-def fluent_bit_record(line: bytes, read_time_us: int, parsed: bool) -> bytes:
+def fluent_bit_record(line: bytes, read_time_ns: int, parsed: bool) -> bytes:
     """One v2 event as Fluent Bit's tail input packs it: ``[[EventTime, {}], record]``."""
-    header = _ARRAY2 + _ARRAY2 + event_time(read_time_us) + _EMPTY_METADATA
+    header = _ARRAY2 + _ARRAY2 + event_time(read_time_ns) + _EMPTY_METADATA
     if not parsed:
-        return header + b"\xdf\x00\x00\x00\x01" + _LOG_KEY + msgpack.packb(line.decode())
+        return header + b"\xdf\x00\x00\x00\x01" + _LOG_KEY + _pack(line.decode())
     fields = orjson.loads(line)
-    body = b"".join(msgpack.packb(k) + msgpack.packb(v) for k, v in fields.items())
+    body = b"".join(_pack(k) + _pack(v) for k, v in fields.items())
     return header + b"\xdf" + struct.pack(">I", len(fields)) + body
 
 
@@ -337,7 +346,7 @@ def fluent_bit_chunks(
     """The flush buffers Fluent Bit would hand the output for these events."""
     builder = ChunkBuilder(max_bytes)
     for event in events:
-        closed = builder.add(fluent_bit_record(event.line, event.read_time_us, parsed))
+        closed = builder.add(fluent_bit_record(event.line, event.read_time_ns, parsed))
         if closed is not None:
             yield closed
     last = builder.flush()
@@ -410,7 +419,9 @@ class CorpusPaths:
         )
 
     def exist(self) -> bool:
-        return all(p.exists() for p in (self.jsonl, self.raw_chunks, self.parsed_chunks, self.manifest))
+        return all(
+            p.exists() for p in (self.jsonl, self.raw_chunks, self.parsed_chunks, self.manifest)
+        )
 
 
 def percentile(sorted_values: list[int], fraction: float) -> int:
@@ -471,7 +482,7 @@ def build(
                 log.write(event.line + b"\n")
                 used.append(event.template)
                 for parsed, builder in builders.items():
-                    record = fluent_bit_record(event.line, event.read_time_us, parsed)
+                    record = fluent_bit_record(event.line, event.read_time_ns, parsed)
                     writers[parsed].write(builder.add(record))
         for parsed, builder in builders.items():
             writers[parsed].write(builder.flush())

@@ -1,0 +1,153 @@
+"""Every benchmark still runs, at a tiny size: correctness only, never timing."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from azure.monitor.ingestion import _helpers
+
+from bench import corpus, sdk_baseline
+
+REPO = Path(__file__).resolve().parents[2]
+CAPTURES = corpus.SAMPLES_DIR.parent / "fluent-bit-chunks"
+
+pytestmark = pytest.mark.skipif(
+    not corpus.SAMPLES_DIR.is_dir(), reason=f"real audit samples not found at {corpus.SAMPLES_DIR}"
+)
+
+
+def run_bench(*args: str, results: Path) -> dict[str, object]:
+    """Runs ``python -m bench`` like a developer would and returns the saved result."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "sidecar")}
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench", "--results", str(results), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert 0 == completed.returncode, completed.stderr
+    (saved,) = results.glob(f"{args[0]}-*.json")
+    result: dict[str, object] = json.loads(saved.read_text())
+    assert f" {args[0]} " in str(result["command"])
+    return result
+
+
+def sample_lines() -> list[bytes]:
+    return [
+        line
+        for path in sorted(corpus.SAMPLES_DIR.glob("*.jsonl"))
+        for line in path.read_bytes().splitlines()
+        if line.strip()
+    ]
+
+
+@pytest.mark.parametrize(
+    ("capture", "parsed"),
+    [("fb-4.2.8-tail-raw-log.msgpack", False), ("fb-4.2.8-tail-json-parsed.msgpack", True)],
+)
+def test_chunks_are_packed_exactly_as_fluent_bit_packs_them(capture: str, parsed: bool) -> None:
+    """Given Fluent Bit's read times, the corpus packs the samples into the very bytes Fluent Bit
+    4.2.8 flushed (v2 events, EventTime, 32-bit headers), in both tail shapes."""
+    real = (CAPTURES / capture).read_bytes()
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(real)
+    read_times = []
+    for (stamp, _metadata), _record in unpacker:
+        seconds, nanoseconds = struct.unpack(">II", stamp.data)
+        read_times.append(seconds * 1_000_000_000 + nanoseconds)
+    rebuilt = b"".join(
+        corpus.fluent_bit_record(line, at, parsed)
+        for line, at in zip(sample_lines(), read_times, strict=True)
+    )
+    assert real == rebuilt
+
+
+def test_corpus_is_reproducible_and_keeps_each_event_real_in_shape() -> None:
+    """The same seed gives the same bytes; every copy is valid JSON of its template's size, with
+    a fresh auditID and stage timestamps in write order."""
+    templates = corpus.load_templates(seed=7)
+    first = list(corpus.generate(600, seed=7, templates=templates))
+    again = list(corpus.generate(600, seed=7, templates=corpus.load_templates(seed=7)))
+    assert [e.line for e in first] == [e.line for e in again]
+    audit_ids = set()
+    previous = 0
+    for event in first:
+        fields = json.loads(event.line)
+        template_fields = json.loads(event.template.line)
+        assert event.template.size == len(event.line)
+        assert template_fields["verb"] == fields["verb"]
+        assert template_fields.get("objectRef", {}).get("resource") == fields.get(
+            "objectRef", {}
+        ).get("resource")
+        audit_ids.add(fields["auditID"])
+        stage = corpus.parse_timestamp_us(fields.get("stageTimestamp") or fields["timestamp"])
+        assert stage // 1_000_000 >= previous // 1_000_000
+        previous = stage
+    assert len(first) == len(audit_ids)
+
+
+def test_chunks_hold_every_event_and_stay_under_the_flush_size(tmp_path: Path) -> None:
+    """Both chunk files of a built corpus decode to the audit.log's events, in order, in flushes
+    no larger than Fluent Bit's 2,048,000-byte chunk limit."""
+    paths, manifest = corpus.build(1_500, seed=3, directory=tmp_path, chunk_bytes=300_000)
+    lines = list(corpus.iter_lines(paths.jsonl))
+    assert 1_500 == len(lines) == manifest["mix"]["events"]
+    for path, parsed in ((paths.raw_chunks, False), (paths.parsed_chunks, True)):
+        records = []
+        chunks = list(corpus.read_chunks(path))
+        assert all(len(chunk) <= 300_000 for chunk in chunks)
+        for chunk in chunks:
+            unpacker = msgpack.Unpacker(raw=False)
+            unpacker.feed(chunk)
+            records += [record for _header, record in unpacker]
+        expected = [json.loads(line) for line in lines]
+        decoded = [r if parsed else json.loads(r["log"]) for r in records]
+        assert expected == decoded
+
+
+def test_corpus_command_reports_the_mix(tmp_path: Path) -> None:
+    """``python -m bench corpus`` builds the files and reports counts and the size mix."""
+    result = run_bench(
+        "corpus", "--events", "400", "--corpora", str(tmp_path), results=tmp_path / "results"
+    )
+    details = result["details"]
+    assert isinstance(details, dict)
+    assert 400 == details["mix"]["events"]
+    assert Path(details["files"]["jsonl"]).exists()
+
+
+def test_sdk_preparation_sends_every_row_once(tmp_path: Path) -> None:
+    """The SDK baseline gzips every row into ≤ 1 MiB JSON arrays, each row exactly once."""
+    paths, _ = corpus.build(800, seed=5, directory=tmp_path)
+    rows = sdk_baseline.rows_from_lines(corpus.iter_lines(paths.jsonl))
+    sent = []
+    for body, _chunk in _helpers._create_gzip_requests(list[Any](rows)):
+        sent += json.loads(gzip.decompress(body))
+    assert rows == sent
+    run = sdk_baseline.prepare(rows)
+    assert 800 == run.rows
+    result = run_bench(
+        "sdk",
+        "--events",
+        "800",
+        "--seed",
+        "5",
+        "--repeat",
+        "1",
+        "--corpora",
+        str(tmp_path),
+        results=tmp_path / "results",
+    )
+    assert result["figures"]
