@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import corpus, sdk_baseline
+from bench import corpus, sdk_baseline, stages
 from bench.results import RESULTS_DIR, Result, recording
 
 Command = Callable[[argparse.Namespace, Result], None]
@@ -97,6 +97,19 @@ def run_sdk(args: argparse.Namespace, result: Result) -> None:
     result.add("SDK prepare per CPU second", best.rows_per_cpu_s, "rows/CPU-s")
     result.add("SDK requests", best.requests, "requests")
     result.add("SDK bytes on the wire", best.compressed_bytes / 1e6, "MB")
+
+
+@command("stages", "floor cost per event of each step, both tail shapes", corpus_options)
+def run_stages(args: argparse.Namespace, result: Result) -> None:
+    paths, _ = built_corpus(args)
+    raw_chunks = list(corpus.read_chunks(paths.raw_chunks))
+    parsed_chunks = list(corpus.read_chunks(paths.parsed_chunks))
+    for cost in stages.measure(raw_chunks, parsed_chunks):
+        result.add(
+            cost.name, cost.us_per_event, "µs/event", note=f"{cost.events_per_s:,.0f} ev/CPU-s"
+        )
+    for codec, ratio in stages.compression_ratios(raw_chunks).items():
+        result.add(f"compression ratio {codec}", ratio, "x")
 
 
 def main(argv: list[str] | None = None) -> int:
