@@ -14,8 +14,9 @@ substituted *inside the original line text*, each with a string of the same leng
 - the object name (``objectRef.name``, or the generated name of a create): one of a fixed pool
   of same-length names, changed consistently in ``requestURI``, ``objectRef`` and the bodies.
 
-Key order and Go's escaping stay as the API server wrote them, and every copy has exactly its
-template's size. Outputs: an ``audit.log`` (JSON lines) and Fluent Bit flush buffers in both
+The 39 sample events that lost ``apiVersion`` in the Falco maintainers' editing get it back
+(``with_api_version``). Key order and Go's escaping stay as the API server wrote them, and
+every copy has exactly its template's size. Outputs: an ``audit.log`` (JSON lines) and Fluent Bit flush buffers in both
 shapes the ``tail`` input produces (the JSON line in ``log``, or the ``json``-parsed map), framed
 in a ``.chunks`` file (see ``write_chunks`` / ``read_chunks``).
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
 import random
 import re
 import struct
@@ -38,12 +40,16 @@ import msgpack
 import orjson
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLES_DIR = REPO.parent / "shared" / "data" / "audit-samples"
+# The shared data folder sits beside the checkout; AUDITRELAY_BENCH_SAMPLES points elsewhere.
+SAMPLES_DIR = Path(
+    os.environ.get("AUDITRELAY_BENCH_SAMPLES", REPO.parent / "shared" / "data" / "audit-samples")
+)
 CORPORA_DIR = REPO / "bench" / "corpora"
 
 # Fluent Bit closes an input chunk at its filesystem soft limit (FLB_INPUT_CHUNK_FS_MAX_SIZE).
 FLB_CHUNK_MAX_BYTES = 2_048_000
 NAME_POOL_SIZE = 64
+CORPUS_VERSION = 2  # part of the file names: a change to the generator must not reuse old files
 DEFAULT_START = "2026-11-26T12:00:00Z"
 DEFAULT_RATE = 5_000.0
 # Fluent Bit stamps a record when tail reads it, a little after the API server wrote it.
@@ -220,6 +226,18 @@ def _without_overlaps(slots: list[_Slot]) -> list[_Slot]:
     return kept
 
 
+def with_api_version(line: bytes) -> bytes:
+    """The event with the ``apiVersion`` an API server always writes.
+
+    The Falco maintainers re-serialized 39 of the sample events without it (see the samples'
+    SOURCES.md); all 39 are of the v1beta1 era (they carry ``timestamp``). Left out, the
+    sidecar would rightly set them aside as not being audit.k8s.io events.
+    """
+    if b'"apiVersion":' in line and "apiVersion" in json.loads(line):
+        return line
+    return b'{"apiVersion":"audit.k8s.io/v1beta1",' + line[1:]
+
+
 def load_templates(samples_dir: Path = SAMPLES_DIR, seed: int = 0) -> list[Template]:
     """Every event of the sample files, in file-name order, compiled into a template."""
     files = sorted(samples_dir.glob("*.jsonl"))
@@ -227,7 +245,7 @@ def load_templates(samples_dir: Path = SAMPLES_DIR, seed: int = 0) -> list[Templ
         raise FileNotFoundError(f"no *.jsonl audit samples in {samples_dir}")
     rng = random.Random(f"templates-{seed}")
     return [
-        compile_template(line, path.name, rng)
+        compile_template(with_api_version(line), path.name, rng)
         for path in files
         for line in path.read_bytes().splitlines()
         if line.strip()
@@ -410,7 +428,7 @@ class CorpusPaths:
 
     @classmethod
     def for_corpus(cls, events: int, seed: int, directory: Path = CORPORA_DIR) -> CorpusPaths:
-        stem = directory / f"audit-{events}-seed{seed}"
+        stem = directory / f"audit-v{CORPUS_VERSION}-{events}-seed{seed}"
         return cls(
             jsonl=stem.with_suffix(".log"),
             raw_chunks=Path(f"{stem}.raw.chunks"),
@@ -494,6 +512,7 @@ def build(
         for parsed, w in writers.items()
     }
     manifest = {
+        "version": CORPUS_VERSION,
         "events": events,
         "seed": seed,
         "rate_events_per_s": rate,

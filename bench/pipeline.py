@@ -1,0 +1,172 @@
+"""The sidecar's Push flow in this process: decode, filter, spool, batch, gzip, deliver.
+
+``Sidecar`` wires ``app.App`` with the policy filter and the delivery sink exactly as the
+``serve`` process does, without the gRPC transport, so that one process pinned to one core
+holds all of the sidecar's work and a profiler sees all of it. Chunks are pushed one after
+another, as Fluent Bit flushes them to one output; the figures stop when the emulator has
+acknowledged every kept event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import resource
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from auditrelay.app import App
+from auditrelay.config import ServerSettings
+from auditrelay.errors import SpoolError
+from auditrelay.model import PushStatus
+
+from bench import wiring
+from bench.emulator import RunningEmulator
+from bench.results import Stopwatch
+
+TAG = "kube.audit"
+INSTANCE = "auditrelay.0"
+
+
+@dataclasses.dataclass
+class PipelineRun:
+    """What one pass of the corpus through the sidecar did and cost."""
+
+    chunks: int = 0
+    chunk_bytes: int = 0
+    events_received: int = 0
+    events_kept: int = 0
+    events_delivered: int = 0
+    retry_later: int = 0
+    uncompressed_bytes: int = 0
+    compressed_bytes: int = 0
+    requests: int = 0
+    accept: Stopwatch = dataclasses.field(default_factory=Stopwatch)
+    total: Stopwatch = dataclasses.field(default_factory=Stopwatch)
+    peak_rss_bytes: int = 0
+    push_latencies: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events_received / self.total.wall if self.total.wall else 0.0
+
+    @property
+    def events_per_cpu_s(self) -> float:
+        return self.events_received / self.total.cpu if self.total.cpu else 0.0
+
+    @property
+    def input_mb_per_s(self) -> float:
+        return self.chunk_bytes / 1e6 / self.total.wall if self.total.wall else 0.0
+
+
+class Sidecar:
+    """One sidecar pipeline (policy filter + delivery sink) inside this process."""
+
+    def __init__(self, state_dir: Path, properties: dict[str, str]) -> None:
+        self.settings = ServerSettings(state_dir=state_dir)
+        self.properties = properties
+        self.factories = wiring.Factories(self.settings)
+        self.app = App(self.settings, **self.factories.app_arguments())
+        self.pipeline_id = ""
+
+    async def start(self) -> None:
+        self.pipeline_id = await self.app.configure(self.properties, INSTANCE, "bench")
+        await self.factories.start(self.pipeline_id)
+
+    async def push(self, chunk: bytes, retry_pause: float = 0.05) -> int:
+        """Pushes one chunk until ACCEPTED, as Fluent Bit retries; returns the RETRY_LATERs."""
+        retries = 0
+        while True:
+            try:
+                result = await self.app.push(self.pipeline_id, TAG, chunk)
+            except SpoolError:
+                retries += 1
+                await asyncio.sleep(retry_pause)
+                continue
+            if result.status is not PushStatus.ACCEPTED:
+                raise RuntimeError(f"chunk not accepted: {result}")
+            return retries
+
+    def delivered(self) -> int:
+        return int(self.factories.value("auditrelay_events_delivered_total", self.pipeline_id))
+
+    def spooled(self) -> int:
+        return int(self.factories.value("auditrelay_events_spooled_total", self.pipeline_id))
+
+    async def wait_delivered(self, expected: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.delivered() < expected:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{self.delivered()} of {expected} events delivered after {timeout} s"
+                )
+            await asyncio.sleep(0.01)
+
+    def figures(self, run: PipelineRun) -> None:
+        counters = self.app.pipelines[self.pipeline_id].counters
+        run.events_received = counters.events_received
+        run.events_kept = counters.events_accepted
+        run.events_delivered = self.delivered()
+        value = self.factories.value
+        run.uncompressed_bytes = int(value("auditrelay_uncompressed_bytes_total", self.pipeline_id))
+        run.compressed_bytes = int(value("auditrelay_compressed_bytes_total", self.pipeline_id))
+        run.requests = int(
+            value("auditrelay_requests_total", self.pipeline_id, status="204")
+            + value("auditrelay_requests_total", self.pipeline_id, status="200")
+        )
+
+    async def aclose(self) -> None:
+        await self.factories.stop()
+        await self.app.aclose()
+
+
+def peak_rss_bytes() -> int:
+    """The peak resident set of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+async def run_corpus(
+    chunks: Iterable[bytes],
+    emulator: RunningEmulator,
+    state_dir: Path,
+    timeout: float = 600.0,
+    properties: dict[str, str] | None = None,
+) -> PipelineRun:
+    """Pushes every chunk and waits until the emulator holds every kept event."""
+    sidecar = Sidecar(state_dir, {**emulator.pipeline_properties(), **(properties or {})})
+    await sidecar.start()
+    run = PipelineRun()
+    try:
+        with run.total.running():
+            with run.accept.running():
+                for chunk in chunks:
+                    started = time.perf_counter()
+                    run.retry_later += await sidecar.push(chunk)
+                    run.push_latencies.append(time.perf_counter() - started)
+                    run.chunks += 1
+                    run.chunk_bytes += len(chunk)
+            await sidecar.wait_delivered(sidecar.spooled(), timeout)
+        sidecar.figures(run)
+    finally:
+        await sidecar.aclose()
+    run.peak_rss_bytes = peak_rss_bytes()
+    return run
+
+
+def quantile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank quantile."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+def summary(run: PipelineRun) -> dict[str, Any]:
+    return {
+        key: value
+        for key, value in dataclasses.asdict(run).items()
+        if key not in {"push_latencies"}
+    }
