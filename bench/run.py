@@ -8,8 +8,12 @@ is measured. Pin with ``taskset -c 1`` where a benchmark says it measures one co
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import os
-from collections.abc import Callable
+import signal
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +114,181 @@ def run_stages(args: argparse.Namespace, result: Result) -> None:
         )
     for codec, ratio in stages.compression_ratios(raw_chunks).items():
         result.add(f"compression ratio {codec}", ratio, "x")
+
+
+def pipeline_options(parser: argparse.ArgumentParser) -> None:
+    corpus_options(parser)
+    parser.add_argument(
+        "--shape", choices=["raw", "parsed"], default="raw",
+        help="tail shape of the chunks: the JSON line in `log`, or json-parsed maps",
+    )  # fmt: skip
+    parser.add_argument("--emulator-cpu", type=int, default=0, help="CPU of the emulator")
+    parser.add_argument(
+        "--check", action="store_true",
+        help="store full rows and compare them with the policy applied offline",
+    )  # fmt: skip
+    parser.add_argument("--sdk", action="store_true", help="also run the SDK upload() baseline")
+    parser.add_argument("--profile", action="store_true", help="sample every thread with py-spy")
+    parser.add_argument("--work", type=Path, default=None, help="state folder (default: temp)")
+
+
+@command("pipeline", "sidecar decode+filter+spool+batch+gzip+deliver on one core", pipeline_options)
+def run_pipeline(args: argparse.Namespace, result: Result) -> None:
+    from bench import pipeline
+
+    paths, manifest = built_corpus(args)
+    chunk_file = paths.raw_chunks if args.shape == "raw" else paths.parsed_chunks
+    expected = None
+    if args.check or args.sdk:
+        from bench.expected import expected_rows
+
+        expected = expected_rows(corpus.iter_lines(paths.jsonl))
+    with work_dir(args.work) as work, emulator_process(args, work, full=args.check) as emu:
+        with profiling(args.profile, work, result):
+            run = asyncio.run(
+                pipeline.run_corpus(corpus.read_chunks(chunk_file), emu, work / "sidecar")
+            )
+        stored = emu.count()
+        result.details["run"] = pipeline.summary(run)
+        report_pipeline(result, run, stored, manifest)
+        if expected is not None and args.check:
+            report_check(result, expected, emu)
+    if expected is not None and args.sdk:
+        report_sdk_upload(args, result, expected, run)
+
+
+def report_pipeline(result: Result, run: Any, stored: int, manifest: dict[str, Any]) -> None:
+    pinned = cpu_note()
+    result.add(
+        "sidecar throughput (input events)",
+        run.events_per_s,
+        "events/s",
+        goal=">= 100,000",
+        note=f"wall clock, {pinned}",
+    )
+    result.add(
+        "sidecar throughput per CPU second",
+        run.events_per_cpu_s,
+        "events/CPU-s",
+        note="process CPU time, all threads",
+    )
+    result.add("sidecar input rate", run.input_mb_per_s, "MB/s", note="Fluent Bit chunk bytes")
+    result.add(
+        "Push accept rate (until last ACCEPTED)", run.events_received / run.accept.wall, "events/s"
+    )
+    result.add("rows delivered per second", run.events_delivered / run.total.wall, "rows/s")
+    result.add(
+        "events in / kept / delivered",
+        run.events_received,
+        "events",
+        note=f"kept {run.events_kept}, delivered {run.events_delivered}, "
+        f"stored by the emulator {stored}",
+    )
+    result.add("RETRY_LATER answers", run.retry_later, "pushes")
+    result.add("bytes sent uncompressed", run.uncompressed_bytes / 1e6, "MB")
+    result.add("bytes sent gzip", run.compressed_bytes / 1e6, "MB", note=f"{run.requests} requests")
+    result.add(
+        "peak RSS of the process",
+        run.peak_rss_bytes / 2**20,
+        "MiB",
+        note="sidecar and the bench driver in one process",
+    )
+
+
+def report_check(result: Result, expected: Any, emu: Any) -> None:
+    from bench.expected import compare
+
+    comparison = compare(expected, emu)
+    result.details["check"] = {
+        "expected": comparison.expected,
+        "delivered_rows": comparison.delivered_rows,
+        "duplicates": comparison.duplicates,
+        "missing": comparison.missing[:20],
+        "altered": comparison.altered[:20],
+        "unexpected": comparison.unexpected[:20],
+    }
+    result.add(
+        "kept events lost",
+        len(comparison.missing),
+        "events",
+        goal="0",
+        note=f"of {comparison.expected} the policy keeps",
+    )
+    result.add("kept events altered", len(comparison.altered), "events", goal="0")
+    result.add("rows not kept by the policy", len(comparison.unexpected), "rows", goal="0")
+    result.add("duplicate rows (at-least-once)", comparison.duplicates, "rows")
+    if not comparison.ok:
+        raise SystemExit(f"correctness check failed: {result.details['check']}")
+
+
+def report_sdk_upload(args: argparse.Namespace, result: Result, expected: Any, run: Any) -> None:
+    import orjson
+
+    rows = [orjson.loads(row) for row in expected.rows.values()]
+    with work_dir(None) as work, emulator_process(args, work, full=False) as emu:
+        sdk_run = sdk_baseline.upload_to(rows, emu)
+        stored = emu.count()
+    if stored != len(rows):
+        raise SystemExit(f"SDK baseline: {stored} of {len(rows)} rows stored")
+    result.add(
+        "SDK upload() of the same kept rows",
+        sdk_run.rows_per_s,
+        "rows/s",
+        note=f"{sdk_run.requests} requests, sync client, {cpu_note()}",
+    )
+    sidecar_rows = run.events_delivered / run.total.wall
+    result.add(
+        "sidecar / SDK (delivered rows per second)",
+        sidecar_rows / sdk_run.rows_per_s,
+        "x",
+        goal=">= 5",
+    )
+    result.add("sidecar input events/s / SDK rows/s", run.events_per_s / sdk_run.rows_per_s, "x")
+
+
+@contextlib.contextmanager
+def work_dir(path: Path | None) -> Iterator[Path]:
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="auditrelay-bench-") as temporary:
+        yield Path(temporary)
+
+
+@contextlib.contextmanager
+def emulator_process(args: argparse.Namespace, work: Path, full: bool) -> Iterator[Any]:
+    from bench.emulator import emulator
+
+    name = "emulator-full" if full else "emulator"
+    with emulator(work / name, cpu=args.emulator_cpu, store="full" if full else "ids") as emu:
+        yield emu
+
+
+@contextlib.contextmanager
+def profiling(enabled: bool, work: Path, result: Result) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    from bench import profile
+
+    output = work / "py-spy.txt"
+    recorder = profile.record(os.getpid(), output)
+    try:
+        yield
+    finally:
+        recorder.send_signal(signal.SIGINT)
+        recorder.wait(timeout=60)
+    summary = profile.summarize(output)
+    result.details["profile"] = {
+        "samples": summary.samples,
+        "stages": summary.stages(),
+        "functions": summary.top_functions(25),
+    }
+    for name, share in summary.stages():
+        result.add(f"profile: {name}", share * 100, "% of samples")
+    for name, share in summary.top_functions(12):
+        result.add(f"profile self: {name[:60]}", share * 100, "% of samples")
 
 
 def main(argv: list[str] | None = None) -> int:

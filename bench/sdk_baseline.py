@@ -89,3 +89,25 @@ def upload(
         raise RuntimeError(f"SDK upload failed for {len(failures)} chunk(s): {failures[0]!r}")
     requests = sum(1 for _ in sdk_helpers._split_chunks(list(rows)))
     return SdkRun(len(rows), requests, 0, 0, clock)
+
+
+def upload_to(rows: Sequence[Row], emulator: Any) -> SdkRun:
+    """``upload()`` to the bench emulator, with a client-secret credential from its Entra."""
+    from azure.identity import ClientSecretCredential
+
+    from bench.emulator import CLIENT_ID, CLIENT_SECRET, TENANT_ID
+
+    credential = ClientSecretCredential(
+        TENANT_ID,
+        CLIENT_ID,
+        CLIENT_SECRET,
+        authority=emulator.authority_host,
+        disable_instance_discovery=True,
+        connection_verify=emulator.ca_file,
+    )
+    credential.get_token("https://monitor.azure.com/.default")  # not part of the timing
+    with credential:
+        return upload(
+            rows, emulator.endpoint, emulator.dcr_id, "Custom-KubeAudit_CL", credential,
+            emulator.ca_file,
+        )  # fmt: skip
