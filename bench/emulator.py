@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import os
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -69,7 +70,7 @@ def python_env() -> dict[str, str]:
 
 @contextlib.contextmanager
 def emulator(
-    state_dir: Path, cpu: int | None = 0, store: str = "ids", timeout: float = 60.0
+    state_dir: Path, cpu: int | None = 0, store: str = "ids", timeout: float = 60.0, port: int = 0
 ) -> Iterator[RunningEmulator]:
     """Starts ``auditrelay emulator serve`` without its throughput limits, waits for ready."""
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -78,6 +79,7 @@ def emulator(
             sys.executable, "-m", "auditrelay", "emulator", "serve",
             "--state-dir", str(state_dir),
             "--store", store,
+            "--port", str(port),
             "--requests-per-minute", "100000000",
             "--bytes-per-minute", "1000G",
         ],
@@ -133,3 +135,11 @@ def _await_ready(process: subprocess.Popen[str], timeout: float) -> dict[str, st
         key, _, value = line.partition(":")
         info[key.strip()] = value.strip()
     raise TimeoutError(f"the emulator was not ready within {timeout} s")
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port

@@ -47,6 +47,7 @@ class PipelineRun:
     total: Stopwatch = dataclasses.field(default_factory=Stopwatch)
     peak_rss_bytes: int = 0
     push_latencies: list[float] = dataclasses.field(default_factory=list)
+    push_started: list[float] = dataclasses.field(default_factory=list)  # time.time() per chunk
 
     @property
     def events_per_s(self) -> float:
@@ -75,8 +76,9 @@ class Sidecar:
         self.pipeline_id = await self.app.configure(self.properties, INSTANCE, "bench")
         await self.factories.start(self.pipeline_id)
 
-    async def push(self, chunk: bytes, retry_pause: float = 0.05) -> int:
-        """Pushes one chunk until ACCEPTED, as Fluent Bit retries; returns the RETRY_LATERs."""
+    async def push(self, chunk: bytes, retry_pause: float = 0.05) -> tuple[int, int]:
+        """Pushes one chunk until ACCEPTED, as Fluent Bit retries it; returns the RETRY_LATER
+        answers and the events the chunk held."""
         retries = 0
         while True:
             try:
@@ -87,7 +89,7 @@ class Sidecar:
                 continue
             if result.status is not PushStatus.ACCEPTED:
                 raise RuntimeError(f"chunk not accepted: {result}")
-            return retries
+            return retries, result.events_received
 
     def delivered(self) -> int:
         return int(self.factories.value("auditrelay_events_delivered_total", self.pipeline_id))
@@ -124,12 +126,36 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+async def push_all(
+    sidecar: Sidecar, chunks: Iterable[bytes], run: PipelineRun, pace: float | None = None
+) -> None:
+    """Pushes the chunks one after another, as Fluent Bit flushes one output; with ``pace``
+    (events/s) each chunk waits for its turn so that the input rate is steady."""
+    begin = time.perf_counter()
+    events_before = 0
+    with run.accept.running():
+        for chunk in chunks:
+            if pace is not None:
+                delay = begin + events_before / pace - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            run.push_started.append(time.time())
+            started = time.perf_counter()
+            retries, events = await sidecar.push(chunk)
+            run.push_latencies.append(time.perf_counter() - started)
+            run.retry_later += retries
+            run.chunks += 1
+            run.chunk_bytes += len(chunk)
+            events_before += events
+
+
 async def run_corpus(
     chunks: Iterable[bytes],
     emulator: RunningEmulator,
     state_dir: Path,
     deadline_s: float = 600.0,
     properties: dict[str, str] | None = None,
+    pace: float | None = None,
 ) -> PipelineRun:
     """Pushes every chunk and waits until the emulator holds every kept event."""
     sidecar = Sidecar(state_dir, {**emulator.pipeline_properties(), **(properties or {})})
@@ -137,13 +163,7 @@ async def run_corpus(
     run = PipelineRun()
     try:
         with run.total.running():
-            with run.accept.running():
-                for chunk in chunks:
-                    started = time.perf_counter()
-                    run.retry_later += await sidecar.push(chunk)
-                    run.push_latencies.append(time.perf_counter() - started)
-                    run.chunks += 1
-                    run.chunk_bytes += len(chunk)
+            await push_all(sidecar, chunks, run, pace)
             async with asyncio.timeout(deadline_s):
                 await sidecar.wait_delivered(sidecar.spooled())
         sidecar.figures(run)
@@ -166,5 +186,5 @@ def summary(run: PipelineRun) -> dict[str, Any]:
     return {
         key: value
         for key, value in dataclasses.asdict(run).items()
-        if key not in {"push_latencies"}
+        if key not in {"push_latencies", "push_started"}
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import tempfile
@@ -244,6 +245,127 @@ def report_sdk_upload(args: argparse.Namespace, result: Result, expected: Any, r
         goal=">= 5",
     )
     result.add("sidecar input events/s / SDK rows/s", run.events_per_s / sdk_run.rows_per_s, "x")
+
+
+def latency_options(parser: argparse.ArgumentParser) -> None:
+    pipeline_options(parser)
+    parser.add_argument("--pace", type=float, default=5_000.0, help="input events/s")
+
+
+@command("latency", "Push -> emulator receipt p50/p99 at a steady input rate", latency_options)
+def run_latency(args: argparse.Namespace, result: Result) -> None:
+    from bench import latency, pipeline
+
+    paths, _ = built_corpus(args)
+    chunk_file = paths.raw_chunks if args.shape == "raw" else paths.parsed_chunks
+    chunk_ids = latency.audit_ids_per_chunk(corpus.read_chunks(chunk_file))
+    with work_dir(args.work) as work, emulator_process(args, work, full=False) as emu:
+        run = asyncio.run(
+            pipeline.run_corpus(
+                corpus.read_chunks(chunk_file), emu, work / "sidecar", pace=args.pace
+            )
+        )
+        received = latency.received_times(emu)
+    measured = latency.push_to_receipt(run, chunk_ids, received)
+    result.details["run"] = pipeline.summary(run)
+    achieved = run.events_received / run.accept.wall
+    result.add("input rate achieved", achieved, "events/s", note=f"asked {args.pace:,.0f}")
+    result.add("Push -> receipt p50", measured.quantile(0.5), "s")
+    result.add("Push -> receipt p99", measured.quantile(0.99), "s", goal="<= 2")
+    result.add("Push -> receipt max", measured.quantile(1.0), "s")
+    result.add("Push -> ACCEPTED p50", pipeline.quantile(run.push_latencies, 0.5), "s")
+    result.add("Push -> ACCEPTED p99", pipeline.quantile(run.push_latencies, 0.99), "s")
+    result.add(
+        "kept events timed",
+        len(measured.seconds),
+        "events",
+        note=f"{measured.unmatched} stored rows without a matching push",
+    )
+    result.add("CPU used by the sidecar", run.total.cpu / run.total.wall * 100, "% of one core")
+
+
+def backlog_options(parser: argparse.ArgumentParser) -> None:
+    pipeline_options(parser)
+    parser.set_defaults(events=1_000_000)
+    parser.add_argument("--spool-limit", default="8G", help="spool_limit of the pipeline")
+
+
+@command("backlog", "peak RSS while a backlog spools (endpoint down) and drains", backlog_options)
+def run_backlog(args: argparse.Namespace, result: Result) -> None:
+    from bench import backlog
+
+    paths, _ = built_corpus(args)
+    chunk_file = paths.raw_chunks if args.shape == "raw" else paths.parsed_chunks
+    with work_dir(args.work) as work:
+        run = asyncio.run(
+            backlog.run_backlog(
+                corpus.read_chunks(chunk_file), work, args.emulator_cpu, args.spool_limit
+            )
+        )
+    result.details["run"] = dataclasses.asdict(run)
+    mib = 2**20
+    result.add(
+        "events pushed while the endpoint is down",
+        run.events,
+        "events",
+        note=f"{run.kept} kept and spooled",
+    )
+    result.add("spool on disk at the end of the outage", run.spool_bytes / mib, "MiB")
+    result.add("RSS after start (baseline)", run.baseline_rss / mib, "MiB")
+    result.add("peak RSS while spooling the backlog", run.peak_rss_down / mib, "MiB", goal="<= 150")
+    result.add("peak RSS while draining", run.peak_rss_drain / mib, "MiB", goal="<= 150")
+    result.add("spooling rate (endpoint down)", run.events / run.down.wall, "events/s")
+    result.add(
+        "drain time after the endpoint is back",
+        run.drain.wall,
+        "s",
+        note=f"{run.delivered} delivered; includes the retry backoff (cap 60 s)",
+    )
+
+
+@command("cost", "bytes on the wire with audit_policy.yaml vs every event raw", corpus_options)
+def run_cost(args: argparse.Namespace, result: Result) -> None:
+    from bench import cost
+    from bench.expected import expected_rows
+
+    paths, _ = built_corpus(args)
+    expected = expected_rows(corpus.iter_lines(paths.jsonl), keep_all_rows=True)
+    kept = list(expected.rows.values())
+    measured = {
+        "audit_policy.yaml, sidecar": cost.pipeline_bytes(kept),
+        "every event, sidecar": cost.pipeline_bytes(expected.every_row),
+        "audit_policy.yaml, SDK upload()": cost.sdk_bytes(kept),
+        "every event, SDK upload()": cost.sdk_bytes(expected.every_row),
+    }
+    result.details["wire"] = {k: dataclasses.asdict(v) for k, v in measured.items()}
+    per = 100_000 / expected.events
+    for name, wire in measured.items():
+        result.add(f"{name}: rows", wire.rows * per, "per 100k events")
+        result.add(
+            f"{name}: uncompressed (billed)", wire.uncompressed * per / 1e6, "MB per 100k events"
+        )
+        result.add(
+            f"{name}: gzip on the wire",
+            wire.compressed * per / 1e6,
+            "MB per 100k events",
+            note=f"ratio {wire.ratio:.1f}, {wire.requests} requests",
+        )
+    policy, everything = measured["audit_policy.yaml, sidecar"], measured["every event, sidecar"]
+    result.add(
+        "billed bytes saved by the policy",
+        100 * (1 - policy.uncompressed / everything.uncompressed),
+        "%",
+    )
+    result.add(
+        "GB/day billed at 1,000 events/s with the policy",
+        policy.uncompressed / expected.events * 1000 * 86400 / 1e9,
+        "GB/day",
+    )
+    result.add(
+        "GB/day billed at 1,000 events/s, every event",
+        everything.uncompressed / expected.events * 1000 * 86400 / 1e9,
+        "GB/day",
+    )
 
 
 @contextlib.contextmanager
