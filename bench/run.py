@@ -368,6 +368,56 @@ def run_cost(args: argparse.Namespace, result: Result) -> None:
     )
 
 
+def e2e_options(parser: argparse.ArgumentParser) -> None:
+    pipeline_options(parser)
+    parser.add_argument("--sidecar-cpu", type=int, default=1, help="CPU of the sidecar process")
+
+
+@command(
+    "e2e", "out_auditrelay.so (Fluent Bit's Go proxy) -> auditrelay serve -> emulator", e2e_options
+)
+def run_e2e(args: argparse.Namespace, result: Result) -> None:
+    from bench import e2e
+    from bench.expected import expected_rows
+
+    paths, _ = built_corpus(args)
+    chunk_file = paths.raw_chunks if args.shape == "raw" else paths.parsed_chunks
+    expected = expected_rows(corpus.iter_lines(paths.jsonl))
+    # A short folder: a Unix socket path must stay under 108 bytes.
+    with (
+        tempfile.TemporaryDirectory(prefix="ar-bench-") as short,
+        emulator_process(args, Path(short), full=False) as emu,
+    ):
+        run = e2e.run(
+            corpus.read_chunks(chunk_file), emu, Path(short), len(expected.rows), args.sidecar_cpu
+        )
+    result.details["run"] = {
+        k: v for k, v in dataclasses.asdict(run).items() if k != "flush_seconds"
+    }
+    from bench.pipeline import quantile
+
+    result.add(
+        "end-to-end throughput (input events)",
+        expected.events / run.clock.wall,
+        "events/s",
+        note=f"{args.shape} chunks, sidecar on CPU {args.sidecar_cpu}",
+    )
+    result.add("end-to-end input rate", run.chunk_bytes / 1e6 / run.clock.wall, "MB/s")
+    result.add(
+        "sidecar CPU per event",
+        run.sidecar_cpu_s / expected.events * 1e6,
+        "µs",
+        note=f"{expected.events / run.sidecar_cpu_s:,.0f} events per sidecar CPU-s",
+    )
+    result.add("flush (FLBPluginFlushCtx) p50", quantile(run.flush_seconds, 0.5), "s")
+    result.add("flush p99", quantile(run.flush_seconds, 0.99), "s")
+    result.add("FLB_RETRY answers", run.retries, "flushes")
+    result.add(
+        "rows stored / expected", run.stored_rows, "rows", note=f"expected {run.expected_rows}"
+    )
+    result.add("sidecar peak RSS (VmHWM)", run.sidecar_peak_rss / 2**20, "MiB", goal="<= 150")
+
+
 @contextlib.contextmanager
 def work_dir(path: Path | None) -> Iterator[Path]:
     if path is not None:

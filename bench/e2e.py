@@ -1,0 +1,114 @@
+"""End to end: out_auditrelay.so driven the way Fluent Bit's Go proxy drives it, the real
+``auditrelay serve`` process, the emulator.
+
+This process plays Fluent Bit on CPU 0 (the harness in ``tests/harness`` loads the plugin
+with ctypes and calls ``FLBPluginFlushCtx`` per chunk, retrying on FLB_RETRY) beside the
+emulator; the sidecar process and all its threads are pinned to CPU 1. The clock stops when
+the emulator holds every row the policy keeps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from bench.emulator import RunningEmulator, free_port
+from bench.results import Stopwatch
+
+TAG = "kube.audit"
+
+
+@dataclasses.dataclass
+class EndToEndRun:
+    """One corpus through plugin, sidecar and emulator."""
+
+    chunks: int = 0
+    chunk_bytes: int = 0
+    retries: int = 0
+    expected_rows: int = 0
+    stored_rows: int = 0
+    clock: Stopwatch = dataclasses.field(default_factory=Stopwatch)
+    sidecar_cpu_s: float = 0.0
+    sidecar_peak_rss: int = 0
+    flush_seconds: list[float] = dataclasses.field(default_factory=list)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime + stime
+    return ticks / float(os.sysconf("SC_CLK_TCK"))
+
+
+def peak_rss(pid: int) -> int:
+    """VmHWM of a process, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def pin_all_threads(pid: int, cpu: int) -> None:
+    subprocess.run(
+        ["taskset", "-a", "-p", "-c", str(cpu), str(pid)], check=True, capture_output=True
+    )
+
+
+def run(
+    chunks: Iterable[bytes],
+    emulator: RunningEmulator,
+    work: Path,
+    expected_rows: int,
+    sidecar_cpu: int,
+    deadline_s: float = 900.0,
+) -> EndToEndRun:
+    """Starts the sidecar, flushes every chunk through the plugin, waits for every row."""
+    from tests.harness.flb_proxy import FLUENT_BIT_4_2_8, GoProxy, Result, build_plugin
+    from tests.harness.sidecar import Sidecar
+
+    sidecar = Sidecar.on_socket(
+        work / "relay.sock",
+        work / "sidecar",
+        ["--metrics-address", f"127.0.0.1:{free_port()}", "--log-level", "info"],
+    )
+    sidecar.start()
+    assert sidecar.process is not None
+    pid = sidecar.process.pid
+    pin_all_threads(pid, sidecar_cpu)
+    proxy = GoProxy(build_plugin(), FLUENT_BIT_4_2_8)
+    proxy.register()
+    result = EndToEndRun(expected_rows=expected_rows)
+    try:
+        instance = proxy.init(
+            {
+                "sidecar_address": sidecar.address,
+                "sidecar_wait": "30s",
+                "sidecar_timeout": "30s",
+                **emulator.pipeline_properties(),
+            }
+        )
+        cpu_before = _cpu_seconds(pid)
+        with result.clock.running():
+            for chunk in chunks:
+                started = time.perf_counter()
+                while proxy.flush(instance, chunk, TAG) is not Result.OK:
+                    result.retries += 1
+                    time.sleep(0.05)
+                result.flush_seconds.append(time.perf_counter() - started)
+                result.chunks += 1
+                result.chunk_bytes += len(chunk)
+            deadline = time.monotonic() + deadline_s
+            while emulator.count() < expected_rows:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{emulator.count()} of {expected_rows} rows stored")
+                time.sleep(0.02)
+        result.sidecar_cpu_s = _cpu_seconds(pid) - cpu_before
+        result.stored_rows = emulator.count()
+        result.sidecar_peak_rss = peak_rss(pid)
+    finally:
+        proxy.shutdown()
+        sidecar.stop()
+    return result
