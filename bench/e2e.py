@@ -62,7 +62,7 @@ def run(
     emulator: RunningEmulator,
     work: Path,
     expected_rows: int,
-    sidecar_cpu: int,
+    sidecar_cpu: int | None,
     deadline_s: float = 900.0,
 ) -> EndToEndRun:
     """Starts the sidecar, flushes every chunk through the plugin, waits for every row."""
@@ -77,7 +77,8 @@ def run(
     sidecar.start()
     assert sidecar.process is not None
     pid = sidecar.process.pid
-    pin_all_threads(pid, sidecar_cpu)
+    if sidecar_cpu is not None:
+        pin_all_threads(pid, sidecar_cpu)
     proxy = GoProxy(build_plugin(), FLUENT_BIT_4_2_8)
     proxy.register()
     result = EndToEndRun(expected_rows=expected_rows)

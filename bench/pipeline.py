@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import resource
 import time
 from collections.abc import Iterable, Sequence
@@ -62,10 +63,24 @@ class PipelineRun:
         return self.chunk_bytes / 1e6 / self.total.wall if self.total.wall else 0.0
 
 
+def collect_garbage_like_serve() -> None:
+    """The garbage-collector settings ``auditrelay serve`` runs with, when it sets any."""
+    try:
+        from auditrelay.cli import serve
+    except ImportError:
+        return
+    thresholds = getattr(serve, "GC_THRESHOLDS", None)
+    if thresholds is not None:
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(*thresholds)
+
+
 class Sidecar:
     """One sidecar pipeline (policy filter + delivery sink) inside this process."""
 
     def __init__(self, state_dir: Path, properties: dict[str, str]) -> None:
+        collect_garbage_like_serve()
         self.settings = ServerSettings(state_dir=state_dir)
         self.properties = properties
         self.factories = wiring.Factories(self.settings)

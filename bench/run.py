@@ -35,6 +35,11 @@ def command(
     return register
 
 
+def cpu_or_none(text: str) -> int | None:
+    """A CPU number, or None for 'any'."""
+    return None if text == "any" else int(text)
+
+
 def corpus_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--events", type=int, default=100_000, help="events in the corpus")
     parser.add_argument("--seed", type=int, default=1, help="seed of the resampling")
@@ -123,7 +128,9 @@ def pipeline_options(parser: argparse.ArgumentParser) -> None:
         "--shape", choices=["raw", "parsed"], default="raw",
         help="tail shape of the chunks: the JSON line in `log`, or json-parsed maps",
     )  # fmt: skip
-    parser.add_argument("--emulator-cpu", type=int, default=0, help="CPU of the emulator")
+    parser.add_argument(
+        "--emulator-cpu", type=cpu_or_none, default=0, help="CPU of the emulator ('any': unpinned)"
+    )
     parser.add_argument(
         "--check", action="store_true",
         help="store full rows and compare them with the policy applied offline",
@@ -370,7 +377,9 @@ def run_cost(args: argparse.Namespace, result: Result) -> None:
 
 def e2e_options(parser: argparse.ArgumentParser) -> None:
     pipeline_options(parser)
-    parser.add_argument("--sidecar-cpu", type=int, default=1, help="CPU of the sidecar process")
+    parser.add_argument(
+        "--sidecar-cpu", type=cpu_or_none, default=1, help="CPU of the sidecar ('any': unpinned)"
+    )
 
 
 @command(

@@ -151,3 +151,86 @@ def test_sdk_preparation_sends_every_row_once(tmp_path: Path) -> None:
         results=tmp_path / "results",
     )
     assert result["figures"]
+
+
+def figures(result: dict[str, object]) -> dict[str, float]:
+    """The saved figures by name."""
+    saved = result["figures"]
+    assert isinstance(saved, list)
+    return {figure["name"]: figure["value"] for figure in saved}
+
+
+TINY = ("--events", "300", "--emulator-cpu", "any")
+
+
+def test_stages_command_measures_every_step(tmp_path: Path) -> None:
+    """``python -m bench stages`` times each building block on both tail shapes."""
+    result = run_bench("stages", *TINY[:2], "--corpora", str(tmp_path), results=tmp_path / "r")
+    measured = figures(result)
+    assert 0 < measured["orjson.loads of the log line"]
+    assert 0 < measured["compression ratio isal-1"]
+
+
+def test_pipeline_delivers_every_kept_event_unaltered(tmp_path: Path) -> None:
+    """The pipeline benchmark's own correctness check finds no kept event lost or altered, and
+    the SDK baseline stores the same rows."""
+    result = run_bench(
+        "pipeline", *TINY, "--check", "--sdk", "--corpora", str(tmp_path), results=tmp_path / "r"
+    )
+    measured = figures(result)
+    assert 0 == measured["kept events lost"]
+    assert 0 == measured["kept events altered"]
+    assert 0 == measured["rows not kept by the policy"]
+    assert 300 == measured["events in / kept / delivered"]
+
+
+def test_pipeline_takes_json_parsed_chunks_too(tmp_path: Path) -> None:
+    """The other tail shape (records parsed into maps) goes through the same check."""
+    result = run_bench(
+        "pipeline", *TINY, "--shape", "parsed", "--check", "--corpora", str(tmp_path),
+        results=tmp_path / "r",
+    )  # fmt: skip
+    assert 0 == figures(result)["kept events lost"]
+
+
+def test_latency_times_every_kept_event(tmp_path: Path) -> None:
+    """Every row the emulator stored is paired with the push that carried it."""
+    result = run_bench(
+        "latency", *TINY, "--pace", "3000", "--corpora", str(tmp_path), results=tmp_path / "r"
+    )
+    details = result["details"]
+    assert isinstance(details, dict)
+    assert details["run"]["events_kept"] == figures(result)["kept events timed"]
+
+
+def test_backlog_spools_while_down_and_drains_when_up(tmp_path: Path) -> None:
+    """With the endpoint down everything is spooled; once it is up everything is delivered."""
+    result = run_bench("backlog", *TINY, "--corpora", str(tmp_path), results=tmp_path / "r")
+    details = result["details"]
+    assert isinstance(details, dict)
+    assert 300 == details["run"]["events"]
+    assert details["run"]["kept"] == details["run"]["delivered"]
+
+
+def test_cost_compares_the_policy_with_every_event(tmp_path: Path) -> None:
+    """The cost benchmark counts every event without the policy and fewer bytes with it."""
+    result = run_bench("cost", *TINY[:2], "--corpora", str(tmp_path), results=tmp_path / "r")
+    details = result["details"]
+    assert isinstance(details, dict)
+    wire = details["wire"]
+    assert 300 == wire["every event, sidecar"]["rows"]
+    assert (
+        wire["audit_policy.yaml, sidecar"]["uncompressed"]
+        < wire["every event, sidecar"]["uncompressed"]
+    )
+
+
+@pytest.mark.slow
+def test_end_to_end_through_the_plugin_stores_every_kept_row(tmp_path: Path) -> None:
+    """Chunks flushed through out_auditrelay.so reach the emulator: every kept row, once."""
+    result = run_bench(
+        "e2e", *TINY, "--sidecar-cpu", "any", "--corpora", str(tmp_path), results=tmp_path / "r"
+    )
+    details = result["details"]
+    assert isinstance(details, dict)
+    assert details["run"]["expected_rows"] == details["run"]["stored_rows"]
