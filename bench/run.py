@@ -13,6 +13,8 @@ import contextlib
 import dataclasses
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -427,6 +429,44 @@ def run_e2e(args: argparse.Namespace, result: Result) -> None:
     result.add("sidecar peak RSS (VmHWM)", run.sidecar_peak_rss / 2**20, "MiB", goal="<= 150")
 
 
+def suite_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--events", type=int, default=100_000, help="corpus for most benchmarks")
+    parser.add_argument("--backlog-events", type=int, default=1_000_000, help="backlog corpus")
+    parser.add_argument("--skip", nargs="*", default=[], help="benchmarks to leave out")
+
+
+SUITE = (
+    ("corpus", []),
+    ("corpus-backlog", []),
+    ("stages", []),
+    ("cost", []),
+    ("pipeline", ["--shape", "raw", "--check", "--sdk", "--profile"]),
+    ("pipeline", ["--shape", "raw"]),
+    ("pipeline", ["--shape", "parsed", "--profile"]),
+    ("latency", ["--shape", "raw", "--pace", "5000"]),
+    ("e2e", ["--shape", "raw"]),
+    ("e2e", ["--shape", "parsed"]),
+    ("backlog", ["--shape", "raw"]),
+)
+
+
+@command("all", "every benchmark, each in its own process, in one go", suite_options)
+def run_all(args: argparse.Namespace, result: Result) -> None:
+    for name, extra in SUITE:
+        if name in args.skip or (name == "corpus-backlog" and "backlog" in args.skip):
+            continue
+        events = args.backlog_events if name.endswith("backlog") else args.events
+        command_name = name.removesuffix("-backlog")
+        argv = [sys.executable, "-m", "bench", "--results", str(args.results), command_name,
+                "--events", str(events), *extra]  # fmt: skip
+        print("$", " ".join(argv[1:]), flush=True)
+        completed = subprocess.run(argv, check=False)
+        result.details.setdefault("runs", []).append(
+            {"argv": argv[1:], "returncode": completed.returncode}
+        )
+        result.add(f"{name} {' '.join(extra)}".strip(), completed.returncode, "exit code")
+
+
 @contextlib.contextmanager
 def work_dir(path: Path | None) -> Iterator[Path]:
     if path is not None:
@@ -481,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (help_text, _, options) in COMMANDS.items():
         options(sub.add_parser(name, help=help_text))
     args = parser.parse_args(argv)
+    args.results = args.results.resolve()
     _, function, _ = COMMANDS[args.benchmark]
     with recording(args.benchmark, args.results) as result:
         function(args, result)
