@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,6 +68,7 @@ class BacklogRun:
     peak_rss_down: int = 0
     peak_rss_drain: int = 0
     spool_bytes: int = 0
+    first_delivery_s: float = 0.0  # from the endpoint's return to the first delivered row
     down: Stopwatch = dataclasses.field(default_factory=Stopwatch)
     drain: Stopwatch = dataclasses.field(default_factory=Stopwatch)
 
@@ -101,7 +103,10 @@ async def run_backlog(
             result.kept = sidecar.spooled()
             result.spool_bytes = _directory_bytes(work / "sidecar" / "spool")
             with emulator(state, cpu=emulator_cpu, port=port), result.drain.running():
+                back = time.perf_counter()
                 async with asyncio.timeout(deadline_s):
+                    await sidecar.wait_delivered(1)
+                    result.first_delivery_s = time.perf_counter() - back
                     await sidecar.wait_delivered(result.kept)
                 result.delivered = sidecar.delivered()
             result.peak_rss_drain = sampler.mark()

@@ -328,8 +328,11 @@ def run_backlog(args: argparse.Namespace, result: Result) -> None:
         "drain time after the endpoint is back",
         run.drain.wall,
         "s",
-        note=f"{run.delivered} delivered; includes the retry backoff (cap 60 s)",
+        note=f"{run.delivered} delivered; first row after {run.first_delivery_s:.1f} s "
+        "(the retry backoff, capped at 60 s)",
     )
+    drain_rate = run.delivered / max(run.drain.wall - run.first_delivery_s, 1e-9)
+    result.add("drain rate once delivering", drain_rate, "rows/s")
 
 
 @command("cost", "bytes on the wire with audit_policy.yaml vs every event raw", corpus_options)
