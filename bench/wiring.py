@@ -48,7 +48,12 @@ class Factories:
         return sink
 
     async def start(self, pipeline_id: str) -> None:
-        await self.sinks[pipeline_id].start()
+        """Starts the pipeline's sink, unless configuring it already did."""
+        sink = self.sinks[pipeline_id]
+        try:
+            sink.spool  # noqa: B018 - raises RuntimeError while the sink is not started
+        except RuntimeError:
+            await sink.start()
 
     async def stop(self) -> None:
         for sink in self.sinks.values():
