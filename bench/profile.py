@@ -1,5 +1,10 @@
 """Where the sidecar's CPU time goes: py-spy samples of every thread, summarized.
 
+Only samples of the thread holding the GIL are kept (``--gil``): on one pinned core several
+threads are often runnable at once, and without it a thread waiting for the CPU (or the GIL)
+would be counted as busy. Work in C that releases the GIL (fsync, some of the compression) is
+left out; the CPU-second figures of the benchmark include it.
+
 ``py-spy record --format raw`` writes one line per distinct stack, ``frame;frame;... count``,
 each frame ``function (file:line)``. The summary gives, per function, the share of samples in
 which it is the innermost frame (self time), and per stage of the data path the share of samples
@@ -105,7 +110,7 @@ def record(pid: int, output: Path, rate: int = 250) -> subprocess.Popen[bytes]:
         raise RuntimeError("py-spy is not installed (pip install py-spy)")
     return subprocess.Popen(
         [executable, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw",
-         "--output", str(output), "--nonblocking"],
+         "--output", str(output), "--nonblocking", "--gil"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
