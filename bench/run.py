@@ -116,7 +116,10 @@ def run_stages(args: argparse.Namespace, result: Result) -> None:
     paths, _ = built_corpus(args)
     raw_chunks = list(corpus.read_chunks(paths.raw_chunks))
     parsed_chunks = list(corpus.read_chunks(paths.parsed_chunks))
-    for cost in stages.measure(raw_chunks, parsed_chunks):
+    costs = stages.measure(raw_chunks, parsed_chunks)
+    with tempfile.TemporaryDirectory(prefix="auditrelay-bench-") as spool_dir:
+        costs += stages.project_costs(raw_chunks, spool_dir)
+    for cost in costs:
         result.add(
             cost.name, cost.us_per_event, "µs/event", note=f"{cost.events_per_s:,.0f} ev/CPU-s"
         )

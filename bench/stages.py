@@ -135,3 +135,50 @@ def compression_ratios(raw_chunks: list[bytes]) -> dict[str, float]:
             ("isal-2", isal_zlib, 2),
         )
     }
+
+
+def project_costs(chunks: list[bytes], directory: Any) -> list[StageCost]:
+    """The project's own stage code, one stage after another, synchronously in one thread:
+    what the pipeline would cost with no event loop, threads or network in between."""
+    from pathlib import Path
+
+    from auditrelay.batch import BatchBuilder
+    from auditrelay.config import BUNDLED_POLICY
+    from auditrelay.decode import decode_chunk
+    from auditrelay.filter import PolicyFilter
+    from auditrelay.spool import Spool
+    from auditrelay.stream import RowEncoder
+
+    event_filter = PolicyFilter.from_file(BUNDLED_POLICY)
+    encoder = RowEncoder("bench", "bench-cluster")
+    builder = BatchBuilder(1)
+    decoded = [decode_chunk(chunk).events for chunk in chunks]
+    events = sum(map(len, decoded))
+    kept = [[k for e in chunk if (k := event_filter.apply(e)) is not None] for chunk in decoded]
+    rows = [[encoder.encode(e) for e in chunk] for chunk in kept]
+    spool = Spool(Path(directory), limit_bytes=1 << 40, sync=True)
+    target = builder.target_raw_bytes
+    costs = [
+        _timed("decode_chunk", events, _each(decode_chunk, chunks)),
+        _timed(
+            "PolicyFilter.apply",
+            events,
+            _each(lambda chunk: [event_filter.apply(e) for e in chunk], decoded),
+        ),
+        _timed(
+            "RowEncoder.encode (kept)",
+            events,
+            _each(lambda chunk: [encoder.encode(e) for e in chunk], kept),
+        ),
+        _timed("Spool.append (fsync per chunk)", events, _each(spool.append, rows)),
+    ]
+
+    def drain() -> None:
+        while (read := spool.read(target)) is not None:
+            for body in builder.pack(read.rows):
+                len(body.data)
+            spool.acknowledge(read.end)
+
+    costs.append(_timed("Spool.read + BatchBuilder.pack + acknowledge", events, drain))
+    spool.close()
+    return costs
