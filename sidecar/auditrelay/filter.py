@@ -36,7 +36,7 @@ from auditrelay.policy import (
 
 PATCH_ANNOTATION_PREFIX: Final = "patch.webhook.admission.k8s.io/"
 
-_RECORDED_LEVEL: Final = {level.text: level for level in Level}
+_RECORDED_LEVEL: Final[dict[Any, Level]] = {level.text: level for level in Level}
 
 
 @dataclass(slots=True)
@@ -76,7 +76,7 @@ class PolicyFilter:
         if level is Level.NONE or fields.get("stage") in decision.omit_stages:
             self.counts.dropped += 1
             return None
-        recorded = _RECORDED_LEVEL.get(fields.get("level"), Level.REQUEST_RESPONSE)  # type: ignore[arg-type]
+        recorded = _RECORDED_LEVEL.get(fields.get("level"), Level.REQUEST_RESPONSE)
         if level >= recorded and not decision.omit_managed_fields:
             self.counts.kept += 1
             return event

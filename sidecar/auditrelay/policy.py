@@ -5,8 +5,8 @@ Both halves follow kube-apiserver (k8s.io/apiserver ``pkg/audit/policy``) to the
 * loading is ``reader.go``: apiVersion is required (``audit.k8s.io/v1``; the retired
   ``v1beta1`` is accepted here with a warning), kind must be Policy when given, decoding is
   strict first and falls back to a lenient decoding that ignores unknown fields with a warning
-  (OpenShift ships a policy that relies on it), then ``validation.go`` runs and every problem is reported with its field path
-  (``rules[3].level``), and a policy without rules is refused;
+  (OpenShift ships a policy that relies on it), then ``validation.go`` runs and every problem
+  is reported with its field path (``rules[3].level``), and a policy without rules is refused;
 * evaluation is ``checker.go``: rules in order, the first that matches decides; rule
   ``omitStages`` are joined with the policy's; ``omitManagedFields`` of a rule overrides the
   policy's; no match means level None.

@@ -1,4 +1,4 @@
-"""The upstream oracle: the policycheck program (tests/conformance/policycheck) from k8s.io/apiserver.
+"""The upstream oracle: the policycheck program (policycheck/) built from k8s.io/apiserver.
 
 The binary is built once per change of its sources and kept under ``.cache/`` (gitignored),
 named by a hash of go.mod, go.sum and the Go files, so repeated runs start at once.
