@@ -77,10 +77,11 @@ class PolicyFilter:
             self.counts.dropped += 1
             return None
         recorded = _RECORDED_LEVEL.get(fields.get("level"), Level.REQUEST_RESPONSE)
-        if level >= recorded and not decision.omit_managed_fields:
+        omit_managed_fields = decision.omit_managed_fields
+        if level >= recorded and not omit_managed_fields:
             self.counts.kept += 1
             return event
-        lowered = _lower(fields, min(level, recorded), recorded, decision.omit_managed_fields)
+        lowered = _lower(fields, min(level, recorded), recorded, omit_managed_fields)
         if lowered is None:
             self.counts.kept += 1
             return event
@@ -144,34 +145,43 @@ def _text(mapping: dict[str, Any], key: str) -> str:
 def _lower(
     fields: dict[str, Any], level: Level, recorded: Level, omit_managed_fields: bool
 ) -> dict[str, Any] | None:
-    """A copy of ``fields`` holding what ``level`` keeps, or None when that is everything."""
-    result = dict(fields)
-    changed = False
+    """A copy of ``fields`` holding what ``level`` keeps, or None when that is everything.
+
+    Nothing is copied until something is known to go: most events only need looking at.
+    """
+    removed: tuple[str, ...] = ()
+    changed: dict[str, Any] = {}
     if level < recorded:
-        result["level"] = level.text
-        changed = True
-        if level < Level.REQUEST_RESPONSE:
-            result.pop("responseObject", None)
+        changed["level"] = level.text
         if level < Level.REQUEST:
-            result.pop("requestObject", None)
+            removed = _OBJECT_KEYS
             annotations = fields.get("annotations")
             if type(annotations) is dict and any(
                 key.startswith(PATCH_ANNOTATION_PREFIX) for key in annotations
             ):
-                result["annotations"] = {
+                changed["annotations"] = {
                     key: value
                     for key, value in annotations.items()
                     if not key.startswith(PATCH_ANNOTATION_PREFIX)
                 }
+        elif level < Level.REQUEST_RESPONSE:
+            removed = ("responseObject",)
     if omit_managed_fields:
         keys = ("responseObject",) if fields.get("verb") == "patch" else _OBJECT_KEYS
         for key in keys:
-            body = result.get(key)
+            body = fields.get(key)
+            if body is None or key in removed:
+                continue
             stripped = _without_managed_fields(body)
             if stripped is not body:
-                result[key] = stripped
-                changed = True
-    return result if changed else None
+                changed[key] = stripped
+    if not changed:
+        return None
+    result = dict(fields)
+    for key in removed:
+        result.pop(key, None)
+    result.update(changed)
+    return result
 
 
 _OBJECT_KEYS: Final = ("requestObject", "responseObject")
