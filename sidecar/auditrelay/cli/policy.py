@@ -450,8 +450,8 @@ def _print_verify_table(
         _print_table(rows, sys.stdout)
         print()
     print(
-        f"{len(probes) - len(shortfalls)} of {len(probes)} request classes recorded as "
-        f"{args.required} requires by {args.policy}."
+        f"{args.policy}: {len(probes) - len(shortfalls)} of {len(probes)} request classes "
+        f"recorded as {args.required} requires, {len(shortfalls)} missing."
     )
     for problem in manifest_problems:
         print(f"manifest {args.manifest}: {problem}")
