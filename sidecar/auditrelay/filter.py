@@ -3,7 +3,7 @@
 The API server already applied its own policy; this stage applies ours on top, and can only
 take away. For each event it rebuilds the request attributes the API server's checker saw (the
 authenticated user, never ``impersonatedUser``; no user when authentication failed; a create's
-name empty, as it was before the body filled it in; for a non-resource request the decoded path
+name as its URL gave it, before the body filled it in; for a non-resource request the decoded path
 of ``requestURI``), asks the policy, and then:
 
 * level None, or a stage the decision omits: the event is dropped;
@@ -116,8 +116,12 @@ def _request_parts(
     ref = fields.get("objectRef")
     if type(ref) is dict:
         subresource = _text(ref, "subresource")
-        # The body fills a create's name in after the policy decision: the checker saw none.
-        name = "" if verb == "create" and not subresource else _text(ref, "name")
+        if verb == "create" and not subresource:
+            # The body fills a create's name in after the policy decision; the checker saw only
+            # the name in the URL, which a create normally has not.
+            name = _name_in_uri(fields.get("requestURI"))
+        else:
+            name = _text(ref, "name")
         return (
             username,
             groups,
@@ -135,6 +139,23 @@ def _request_parts(
     if "%" in path:
         path = unquote(path)
     return (username, groups, verb, "", "", "", "", "", path, False)
+
+
+def _name_in_uri(uri: Any) -> str:
+    """The name kube-apiserver's RequestInfo parses from a resource URL (requestinfo.go)."""
+    if type(uri) is not str:
+        return ""
+    path = uri.partition("?")[0]
+    parts = unquote(path).strip("/").split("/")
+    if len(parts) < 3 or parts[0] not in ("api", "apis"):
+        return ""
+    parts = parts[2:] if parts[0] == "api" else parts[3:]  # prefix, [group,] version
+    if parts and parts[0] == "namespaces" and len(parts) > 2 and parts[2] not in _NS_SUBRESOURCES:
+        parts = parts[2:]
+    return parts[1] if len(parts) >= 2 else ""
+
+
+_NS_SUBRESOURCES: Final = frozenset({"status", "finalize"})
 
 
 def _text(mapping: dict[str, Any], key: str) -> str:

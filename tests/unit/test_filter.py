@@ -210,15 +210,27 @@ def test_failed_authentication_has_no_user() -> None:
     )
 
 
-def test_create_name_is_empty_as_the_policy_saw_it() -> None:
-    """A create's objectRef.name was filled in after the decision: resourceNames cannot match."""
-    assert ["", "web", "web"] == [
-        request_attributes(_event(verb=verb, objectRef=ref)).name
-        for verb, ref in (
-            ("create", {"resource": "pods", "name": "web"}),
-            ("update", {"resource": "pods", "name": "web"}),
-            ("create", {"resource": "pods", "subresource": "exec", "name": "web"}),
-        )
+def test_create_name_is_the_one_in_the_url() -> None:
+    """A create's objectRef.name was filled in from the body after the decision; the policy
+    saw the name in the URL (RequestInfo), which a create to a collection has not."""
+    cases = [
+        ("create", "/api/v1/namespaces/default/pods", {"resource": "pods", "name": "web"}),
+        ("create", "/api/v1/namespaces", {"resource": "namespaces", "name": "team"}),
+        ("create", "/api/v1/namespaces/team", {"resource": "namespaces", "name": "team"}),
+        ("create", "/apis/apps/v1/namespaces/a/deployments/d?dryRun=All", {"resource": "x"}),
+        ("create", "/api/v1/nodes/n%201", {"resource": "nodes", "name": "ignored"}),
+        ("create", None, {"resource": "pods", "name": "web"}),
+        ("update", "/api/v1/namespaces/default/pods/web", {"resource": "pods", "name": "web"}),
+        (
+            "create",
+            "/api/v1/namespaces/default/pods/web/exec?command=sh",
+            {"resource": "pods", "subresource": "exec", "name": "web"},
+        ),
+    ]
+
+    assert ["", "", "team", "d", "n 1", "", "web", "web"] == [
+        request_attributes(_event(verb=verb, requestURI=uri, objectRef=ref)).name
+        for verb, uri, ref in cases
     ]
 
 
