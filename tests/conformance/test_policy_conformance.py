@@ -36,6 +36,9 @@ REFERENCE_POLICIES = sorted((SHARED_DATA / "reference-policies").glob("*.yaml"))
 AUDIT_SAMPLES = sorted((SHARED_DATA / "audit-samples").glob("*.jsonl"))
 BUNDLED_POLICY = REPO / "audit_policy.yaml"
 
+if not (REFERENCE_POLICIES and AUDIT_SAMPLES):
+    pytest.fail("../shared/data (audit samples, reference policies) not found", pytrace=False)
+
 
 @pytest.fixture(scope="module", name="upstream")
 def _upstream() -> Iterator[Upstream]:

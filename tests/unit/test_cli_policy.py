@@ -18,6 +18,9 @@ REFERENCE = REPO.parent / "shared" / "data" / "reference-policies"
 DEFENDER = REFERENCE / "azure-defender-arc-audit-policy.yaml"
 SAMPLES = sorted((REPO.parent / "shared" / "data" / "audit-samples").glob("*.jsonl"))
 
+if not (SAMPLES and DEFENDER.is_file()):
+    pytest.fail("../shared/data (audit samples, reference policies) not found", pytrace=False)
+
 HEADER = "apiVersion: audit.k8s.io/v1\nkind: Policy\n"
 
 

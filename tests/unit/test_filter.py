@@ -15,6 +15,9 @@ from auditrelay.policy import RequestAttributes, compile_policy, parse_policy
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = sorted((REPO.parent / "shared" / "data" / "audit-samples").glob("*.jsonl"))
 
+if not SAMPLES:
+    pytest.fail("../shared/data/audit-samples/*.jsonl not found beside the checkout", pytrace=False)
+
 
 def _filter(rules: str, header: str = "") -> PolicyFilter:
     text = f"apiVersion: audit.k8s.io/v1\nkind: Policy\n{header}rules:\n{rules}"
