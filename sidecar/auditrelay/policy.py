@@ -266,6 +266,13 @@ def parse_policy(text: str | bytes, source: str = "<policy>") -> Policy:
             f"apiVersion {API_VERSION_V1BETA1} is read like {API_VERSION_V1}, "
             "but kube-apiserver 1.24 and later refuse it",
         )
+    warnings += [
+        f"rules[{index}].resources[{entry_index}].group '*' needs kube-apiserver 1.36 or "
+        "later; older servers refuse this policy"
+        for index, rule in enumerate(rules)
+        for entry_index, entry in enumerate(rule.resources)
+        if entry.group == "*"
+    ]
     return Policy(
         rules=rules,
         omit_stages=omit_stages,

@@ -502,6 +502,17 @@ def test_v1beta1_is_read_with_a_warning() -> None:
     assert ("audit.k8s.io/v1beta1", 1) == (policy.api_version, len(policy.warnings))
 
 
+def test_group_star_is_read_with_a_version_warning() -> None:
+    """``group: "*"`` works as upstream's checker (1.36+) and warns that older servers refuse it."""
+    text = HEADER + "rules:\n- level: None\n  resources:\n  - group: '*'\n"
+    policy = parse_policy(text)
+
+    assert (
+        "rules[0].resources[0].group '*' needs kube-apiserver 1.36 or later; "
+        "older servers refuse this policy",
+    ) == policy.warnings
+
+
 def test_missing_file_names_the_file(tmp_path: Path) -> None:
     """A policy path that cannot be read is an error naming it."""
     missing = tmp_path / "nope.yaml"
