@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -645,7 +646,8 @@ class CompiledPolicy:
             for index, rule in enumerate(policy.rules)
         )
         self._default = Decision(Level.NONE, policy_stages, policy.omit_managed_fields, None)
-        self._cache: dict[tuple[object, ...], Decision] = {}
+        # Insertion order is eviction order; OrderedDict drops its oldest entry in O(1).
+        self._cache: OrderedDict[tuple[object, ...], Decision] = OrderedDict()
         self._cache_size = cache_size
         rules = policy.rules
         self._users = frozenset(user for rule in rules for user in rule.users)
@@ -733,7 +735,7 @@ class CompiledPolicy:
             )
         )
         if len(self._cache) >= self._cache_size:
-            del self._cache[next(iter(self._cache))]
+            self._cache.popitem(last=False)
         self._cache[key] = decision
         self.cache_stats.size = len(self._cache)
         return decision
