@@ -1,7 +1,8 @@
 """auditrelay's audit-policy engine against kube-apiserver's own loader and checker.
 
 Every case is put to both: ``auditrelay.policy`` and the policycheck program built from
-k8s.io/apiserver (see conftest.py). Any disagreement fails the test and is listed.
+k8s.io/apiserver (see upstream_policycheck.py). Level, omitted stages, omitManagedFields and the
+index of the deciding rule are compared; any disagreement fails the test and is listed.
 """
 
 from __future__ import annotations
@@ -199,6 +200,7 @@ def _comparable(decision: Decision) -> dict[str, Any]:
         "level": decision.level.text,
         "omitStages": sorted(decision.omit_stages),
         "omitManagedFields": decision.omit_managed_fields,
+        "rule": decision.rule_index,
     }
 
 

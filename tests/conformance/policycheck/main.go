@@ -8,8 +8,10 @@
 //	    loads the text with k8s.io/apiserver's policy loader (decoding and validation) and
 //	    keeps the evaluator under the id.
 //	{"op":"eval","id":"p1","request":{"user":"alice","groups":[...],"verb":"get",...}}
-//	    -> {"level":"Metadata","omitStages":["RequestReceived"],"omitManagedFields":false}
-//	    evaluates the request attributes with k8s.io/apiserver's policy checker.
+//	    -> {"level":"Metadata","omitStages":["RequestReceived"],"omitManagedFields":false,"rule":2}
+//	    evaluates the request attributes with k8s.io/apiserver's policy checker. "rule" is the
+//	    first rule that matches on its own (each rule checked alone, with its level set to
+//	    Metadata, by the same checker), or null.
 //
 // A null or absent "user" is a request without an authenticated user.
 package main
@@ -24,6 +26,7 @@ import (
 	"sort"
 	"strings"
 
+	auditinternal "k8s.io/apiserver/pkg/apis/audit"
 	"k8s.io/apiserver/pkg/audit"
 	"k8s.io/apiserver/pkg/audit/policy"
 	"k8s.io/apiserver/pkg/authentication/user"
@@ -62,7 +65,24 @@ type evalAnswer struct {
 	Level             string   `json:"level"`
 	OmitStages        []string `json:"omitStages"`
 	OmitManagedFields bool     `json:"omitManagedFields"`
+	Rule              *int     `json:"rule"`
 	Error             string   `json:"error,omitempty"`
+}
+
+// loadedPolicy is a policy's evaluator, and one evaluator per rule to tell which rule matched.
+type loadedPolicy struct {
+	evaluator audit.PolicyRuleEvaluator
+	rules     []audit.PolicyRuleEvaluator
+}
+
+func newLoadedPolicy(loaded *auditinternal.Policy) loadedPolicy {
+	rules := make([]audit.PolicyRuleEvaluator, 0, len(loaded.Rules))
+	for _, rule := range loaded.Rules {
+		alone := rule.DeepCopy()
+		alone.Level = auditinternal.LevelMetadata
+		rules = append(rules, policy.NewPolicyRuleEvaluator(&auditinternal.Policy{Rules: []auditinternal.PolicyRule{*alone}}))
+	}
+	return loadedPolicy{evaluator: policy.NewPolicyRuleEvaluator(loaded), rules: rules}
 }
 
 func main() {
@@ -73,7 +93,7 @@ func main() {
 	_ = flags.Set("alsologtostderr", "false")
 	klog.SetOutput(&klogOutput)
 
-	evaluators := map[string]audit.PolicyRuleEvaluator{}
+	evaluators := map[string]loadedPolicy{}
 	in := bufio.NewScanner(os.Stdin)
 	in.Buffer(make([]byte, 1<<20), 64<<20)
 	out := bufio.NewWriter(os.Stdout)
@@ -96,7 +116,7 @@ func main() {
 				break
 			}
 			warned := strings.Contains(klogOutput.String(), "falling back to lenient decoding")
-			evaluators[req.ID] = policy.NewPolicyRuleEvaluator(loaded)
+			evaluators[req.ID] = newLoadedPolicy(loaded)
 			answer = loadAnswer{OK: true, Rules: len(loaded.Rules), Warned: warned}
 		case "eval":
 			evaluator, ok := evaluators[req.ID]
@@ -125,7 +145,7 @@ func main() {
 	}
 }
 
-func evaluate(evaluator audit.PolicyRuleEvaluator, attrs attributes) evalAnswer {
+func evaluate(loaded loadedPolicy, attrs attributes) evalAnswer {
 	record := &authorizer.AttributesRecord{
 		Verb:            attrs.Verb,
 		Namespace:       attrs.Namespace,
@@ -139,7 +159,14 @@ func evaluate(evaluator audit.PolicyRuleEvaluator, attrs attributes) evalAnswer 
 	if attrs.User != nil {
 		record.User = &user.DefaultInfo{Name: *attrs.User, Groups: attrs.Groups}
 	}
-	config := evaluator.EvaluatePolicyRule(record)
+	config := loaded.evaluator.EvaluatePolicyRule(record)
+	var rule *int
+	for index, alone := range loaded.rules {
+		if alone.EvaluatePolicyRule(record).Level == auditinternal.LevelMetadata {
+			rule = &index
+			break
+		}
+	}
 	stages := make([]string, 0, len(config.OmitStages))
 	for _, stage := range config.OmitStages {
 		stages = append(stages, string(stage))
@@ -149,5 +176,6 @@ func evaluate(evaluator audit.PolicyRuleEvaluator, attrs attributes) evalAnswer 
 		Level:             string(config.Level),
 		OmitStages:        stages,
 		OmitManagedFields: config.OmitManagedFields,
+		Rule:              rule,
 	}
 }
