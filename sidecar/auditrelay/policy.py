@@ -285,7 +285,17 @@ def parse_policy(text: str | bytes, source: str = "<policy>") -> Policy:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe YAML loader that remembers duplicate keys (a strict-decoding error upstream)."""
+    """A safe YAML loader that reads scalars as kube-apiserver's YAML reader does, and remembers
+    duplicate keys (a strict-decoding error upstream).
+
+    Like go-yaml, it leaves timestamps as the strings they are: ``users: [2021-01-01]`` names a
+    user. (YAML 1.1 booleans such as ``on`` are booleans in both.)
+    """
+
+    yaml_implicit_resolvers = {  # noqa: RUF012 - PyYAML reads its resolvers from the class
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
 
     def __init__(self, stream: str | bytes) -> None:
         super().__init__(stream)

@@ -443,6 +443,7 @@ def test_reference_policies_load_as_upstream_loads_them(
 
 
 _RULE = {"level": "Metadata"}
+HEADER_V1 = "apiVersion: audit.k8s.io/v1\nkind: Policy\n"
 LOADER_CASES = {
     "minimal": {"apiVersion": "audit.k8s.io/v1", "kind": "Policy", "rules": [_RULE]},
     "no rules": {"apiVersion": "audit.k8s.io/v1", "kind": "Policy", "rules": []},
@@ -540,6 +541,29 @@ LOADER_CASES = {
         "rules": [_RULE],
     },
 }
+
+
+LOADER_TEXTS = {
+    "timestamp-like user": HEADER_V1 + "rules:\n- level: Metadata\n  users: [2021-01-01]\n",
+    "boolean-like user": HEADER_V1 + "rules:\n- level: Metadata\n  users: [on]\n",
+    "number as user": HEADER_V1 + "rules:\n- level: Metadata\n  users: [0x10]\n",
+    "quoted boolean-like user": HEADER_V1 + "rules:\n- level: Metadata\n  users: ['on']\n",
+    "duplicate key": HEADER_V1 + "rules:\n- level: None\n  level: Metadata\n",
+    "anchors and aliases": HEADER_V1
+    + "rules:\n- &r {level: Metadata, verbs: [get]}\n- *r\n- level: None\n",
+    "null list": HEADER_V1 + "rules:\n- level: Metadata\n  users: ~\n",
+    "metadata name": HEADER_V1 + "metadata: {name: p}\nrules:\n- level: Metadata\n",
+    "not YAML": HEADER_V1 + "rules: [\n",
+    "empty document": "",
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOADER_TEXTS))
+def test_yaml_details_load_as_upstream_loads_them(upstream: Upstream, name: str) -> None:
+    """YAML scalars, duplicates, aliases and nulls decode to upstream's verdict."""
+    ours, theirs = _loader_verdicts(upstream, LOADER_TEXTS[name])
+
+    assert theirs == ours
 
 
 @pytest.mark.parametrize("name", sorted(LOADER_CASES))
