@@ -92,7 +92,11 @@ class PolicyRule:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """A loaded and validated audit policy, with the warnings its loading raised."""
+    """A loaded and validated audit policy, with the warnings its loading raised.
+
+    ``decoded_leniently`` says that strict decoding failed (unknown or duplicate fields) and
+    the lenient reading was used, as kube-apiserver does with a warning.
+    """
 
     rules: tuple[PolicyRule, ...]
     omit_stages: tuple[str, ...] = ()
@@ -100,6 +104,7 @@ class Policy:
     api_version: str = API_VERSION_V1
     source: str = "<policy>"
     warnings: tuple[str, ...] = ()
+    decoded_leniently: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,9 +255,6 @@ def parse_policy(text: str | bytes, source: str = "<policy>") -> Policy:
             f"{API_VERSION_V1!r} and kind {KIND!r}, got {_type_name(document)}"
         )
     problems = _Problems()
-    problems.unknown.extend(
-        f"{key} (given twice, the last one counts)" for key in loader.duplicates
-    )
     api_version = _check_type_meta(document, source)
     policy_rules = _decode_policy(document, problems)
     if problems.errors:
@@ -260,7 +262,10 @@ def parse_policy(text: str | bytes, source: str = "<policy>") -> Policy:
     rules, omit_stages, omit_managed_fields = policy_rules
     if not rules:
         raise PolicyError(f"{source}: invalid audit policy: the policy has no rules (rules: [])")
-    warnings = [f"unknown or duplicate field {name} ignored" for name in problems.unknown]
+    warnings = [f"unknown field {name} ignored" for name in problems.unknown]
+    warnings += [
+        f"field {key!r} given twice in a mapping: the last one counts" for key in loader.duplicates
+    ]
     if api_version == API_VERSION_V1BETA1:
         warnings.insert(
             0,
@@ -281,6 +286,7 @@ def parse_policy(text: str | bytes, source: str = "<policy>") -> Policy:
         api_version=api_version,
         source=source,
         warnings=tuple(warnings),
+        decoded_leniently=bool(problems.unknown or loader.duplicates),
     )
 
 

@@ -419,8 +419,7 @@ def _loader_verdicts(upstream: Upstream, text: str) -> tuple[dict[str, Any], dic
         ours: dict[str, Any] = {"ok": False}
     else:
         ours = {"ok": True, "rules": len(policy.rules)}
-        # Upstream warns only when it falls back to lenient decoding.
-        if any(warning.startswith("unknown or duplicate field") for warning in policy.warnings):
+        if policy.decoded_leniently:
             ours["warned"] = True
     upstream_verdict: dict[str, Any] = {
         key: theirs[key] for key in ("ok", "rules", "warned") if key in theirs

@@ -489,9 +489,20 @@ def test_unknown_fields_are_ignored_with_a_warning() -> None:
     text = HEADER + "rules:\n- level: None\n  resources:\n  - group: x.io\n    resource: [a]\n"
     policy = parse_policy(text)
 
-    assert (("rules[0].resources[0].resource",), ()) == (
-        tuple(w.split(" ")[4] for w in policy.warnings),
+    assert (("unknown field rules[0].resources[0].resource ignored",), (), True) == (
+        policy.warnings,
         policy.rules[0].resources[0].resources,
+        policy.decoded_leniently,
+    )
+
+
+def test_duplicate_fields_keep_the_last_with_a_warning() -> None:
+    """A key given twice is a strict-decoding error upstream: the last value counts, warned."""
+    policy = parse_policy(HEADER + "rules:\n- level: None\n  level: Metadata\n")
+
+    assert (META, ("field 'level' given twice in a mapping: the last one counts",)) == (
+        policy.rules[0].level,
+        policy.warnings,
     )
 
 
