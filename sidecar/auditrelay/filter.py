@@ -36,7 +36,7 @@ from auditrelay.policy import (
 
 PATCH_ANNOTATION_PREFIX: Final = "patch.webhook.admission.k8s.io/"
 
-_RECORDED_LEVEL: Final[dict[Any, Level]] = {level.text: level for level in Level}
+_RECORDED_LEVEL: Final = {level.text: level for level in Level}
 
 
 @dataclass(slots=True)
@@ -73,10 +73,16 @@ class PolicyFilter:
         fields = event.fields
         decision = self.policy.decide_parts(*_request_parts(fields))
         level = decision.level
-        if level is Level.NONE or fields.get("stage") in decision.omit_stages:
+        stage = fields.get("stage")
+        if level is Level.NONE or (type(stage) is str and stage in decision.omit_stages):
             self.counts.dropped += 1
             return None
-        recorded = _RECORDED_LEVEL.get(fields.get("level"), Level.REQUEST_RESPONSE)
+        recorded_text = fields.get("level")
+        recorded = (
+            _RECORDED_LEVEL.get(recorded_text, Level.REQUEST_RESPONSE)
+            if type(recorded_text) is str
+            else Level.REQUEST_RESPONSE
+        )
         omit_managed_fields = decision.omit_managed_fields
         if level >= recorded and not omit_managed_fields:
             self.counts.kept += 1

@@ -255,8 +255,9 @@ def test_non_resource_path_is_the_decoded_path_without_query() -> None:
         {"objectRef": "pods", "user": "alice", "verb": 3, "requestURI": ["/"]},
         {"objectRef": {"resource": 1, "namespace": None}, "user": {"username": 5, "groups": [1]}},
         {"level": "Loud", "stage": None, "annotations": "x", "requestObject": [1]},
+        {"level": ["Metadata"], "stage": {"x": 1}, "user": {"groups": [["g"]]}},
     ],
-    ids=["empty", "nulls", "wrong types", "wrong inner types", "odd level"],
+    ids=["empty", "nulls", "wrong types", "wrong inner types", "odd level", "unhashable"],
 )
 def test_malformed_events_are_decided_on_what_is_there(fields: dict[str, Any]) -> None:
     """Events with fields missing or of the wrong type never raise; the catch-all keeps them."""
