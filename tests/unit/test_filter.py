@@ -315,3 +315,45 @@ def test_bundled_policy_on_real_events() -> None:
             ("update", "leases", None),
         )
     }
+
+
+REFERENCE_POLICIES = sorted((REPO.parent / "shared" / "data" / "reference-policies").glob("*.yaml"))
+LEVEL_ORDER = ["None", "Metadata", "Request", "RequestResponse"]
+
+
+@pytest.mark.parametrize(
+    "policy_path", [REPO / "audit_policy.yaml", *REFERENCE_POLICIES], ids=lambda path: path.name
+)
+def test_filter_only_removes(policy_path: Path) -> None:
+    """Under any policy, every shipped event is the recorded one minus some of its parts:
+    no key appears, no level rises, annotations only shrink, bodies stay or lose managedFields."""
+    flt = PolicyFilter.from_file(policy_path)
+    invented = []
+    for fields in _samples():
+        original = copy.deepcopy(fields)
+        kept = flt.apply(AuditEvent(fields))
+        if kept is None:
+            continue
+        out = kept.fields
+        rises = LEVEL_ORDER.index(out.get("level", "RequestResponse")) > LEVEL_ORDER.index(
+            original.get("level", "RequestResponse")
+        )
+        new_keys = set(out) - set(original)
+        new_annotations = set(out.get("annotations", {})) - set(original.get("annotations", {}))
+        changed_bodies = [
+            key
+            for key in ("requestObject", "responseObject")
+            if key in out and _strip_managed(out[key]) != _strip_managed(original[key])
+        ]
+        if rises or new_keys or new_annotations or changed_bodies:
+            invented.append(original.get("auditID"))
+
+    assert [] == invented
+
+
+def _strip_managed(body: Any) -> Any:
+    if isinstance(body, dict):
+        return {key: _strip_managed(value) for key, value in body.items() if key != "managedFields"}
+    if isinstance(body, list):
+        return [_strip_managed(item) for item in body]
+    return body
