@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from auditrelay.cli import main
-from auditrelay.cli.policy import _detection_probes, stages_of
+from auditrelay.cli.policy import detection_probes, stages_of
 from auditrelay.policy import compile_policy, load_policy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,7 +43,7 @@ def test_bundled_policy_meets_every_detection_need() -> None:
     Defender reads (ResponseComplete, and ResponseStarted for exec, attach, port-forward)."""
     policy = compile_policy(load_policy(BUNDLED))
     short = []
-    for probe in _detection_probes():
+    for probe in detection_probes():
         decision = policy.evaluate(probe.request)
         needed = {"ResponseComplete", "ResponseStarted"} & set(stages_of(probe.request))
         if decision.level < probe.minimum or needed & decision.omit_stages:

@@ -169,7 +169,7 @@ def _resource(
     )
 
 
-def _detection_probes() -> list[Probe]:
+def detection_probes() -> list[Probe]:
     """One request per need of Defender's control-plane detections (research notes, sec. 4)."""
     req, rr, meta = Level.REQUEST, Level.REQUEST_RESPONSE, Level.METADATA
     rbac, apps, batch = "rbac.authorization.k8s.io", "apps", "batch"
@@ -280,7 +280,7 @@ def _detection_probes() -> list[Probe]:
     ]
 
 
-def _rule_probes(policy: Policy) -> list[Probe]:
+def rule_probes(policy: Policy) -> list[Probe]:
     """A request for each rule of ``policy`` that matches that rule."""
     probes = []
     compiled = compile_policy(policy)
@@ -395,7 +395,7 @@ def verify(
     cluster: CompiledPolicy, required: CompiledPolicy
 ) -> tuple[list[Probe], list[Shortfall]]:
     """Every probe, and the shortfalls of ``cluster`` against ``required``."""
-    probes = _detection_probes() + _rule_probes(required.policy)
+    probes = detection_probes() + rule_probes(required.policy)
     found = []
     for probe in probes:
         wanted, got = required.evaluate(probe.request), cluster.evaluate(probe.request)
