@@ -111,7 +111,11 @@ def _request_parts(
         name = user.get("username")
         raw_groups = user.get("groups")
         if type(raw_groups) is list:
-            groups = tuple(group for group in raw_groups if type(group) is str)
+            groups = tuple(raw_groups)
+            try:
+                hash(groups)  # cheaper than checking each group; only unhashables would break
+            except TypeError:
+                groups = tuple(group for group in raw_groups if type(group) is str)
         if type(name) is str and (name or groups):
             username = name
         elif groups:
