@@ -135,31 +135,20 @@ def _manifest(tmp_path: Path, flags: list[str]) -> Path:
     return _write(tmp_path, "kube-apiserver.yaml", MANIFEST.replace("FLAGS", lines or "- x"))
 
 
-def _verify_manifest(tmp_path: Path, flags: list[str]) -> tuple[int, list[str]]:
+def _verify_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str]
+) -> tuple[int, list[str]]:
     manifest = _manifest(tmp_path, flags)
-    stdout = io.StringIO()
-    sys_stdout, sys.stdout = sys.stdout, stdout
-    try:
-        code = main(
-            [
-                "policy",
-                "verify",
-                "--policy",
-                str(BUNDLED),
-                "--manifest",
-                str(manifest),
-                "--output",
-                "json",
-            ]
-        )
-    finally:
-        sys.stdout = sys_stdout
-    return code, json.loads(stdout.getvalue())["manifestProblems"]
+    args = ["--policy", str(BUNDLED), "--manifest", str(manifest), "--output", "json"]
+    code = main(["policy", "verify", *args])
+    return code, json.loads(capsys.readouterr().out)["manifestProblems"]
 
 
-def test_verify_manifest_with_audit_logging_on(tmp_path: Path) -> None:
+def test_verify_manifest_with_audit_logging_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Policy file, a log file on a hostPath volume, JSON format: nothing to report."""
-    assert (0, []) == _verify_manifest(tmp_path, GOOD_FLAGS)
+    assert (0, []) == _verify_manifest(tmp_path, capsys, GOOD_FLAGS)
 
 
 @pytest.mark.parametrize(
@@ -183,9 +172,11 @@ def test_verify_manifest_with_audit_logging_on(tmp_path: Path) -> None:
     ],
     ids=["no policy", "no path", "legacy format", "stdout", "not on host"],
 )
-def test_verify_manifest_problems(tmp_path: Path, flags: list[str], problem: str) -> None:
+def test_verify_manifest_problems(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], problem: str
+) -> None:
     """Each way audit logs can be out of Fluent Bit's reach is reported, with exit status 1."""
-    code, problems = _verify_manifest(tmp_path, flags)
+    code, problems = _verify_manifest(tmp_path, capsys, flags)
 
     assert (1, True) == (code, problem in problems)
 
@@ -199,10 +190,8 @@ def test_verify_manifest_without_apiserver_is_bad_input(
     )
     code = main(["policy", "verify", "--policy", str(BUNDLED), "--manifest", str(manifest)])
 
-    assert (2, f"{manifest}: no kube-apiserver container") == (
-        code,
-        capsys.readouterr().err.split(" in spec")[0].split("verify: ")[1],
-    )
+    assert 2 == code
+    assert f"{manifest}: no kube-apiserver container in spec.containers" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
