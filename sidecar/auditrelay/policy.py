@@ -244,7 +244,9 @@ def parse_policy(text: str | bytes, source: str = "<policy>") -> Policy:
     """Decodes and validates a policy document the way kube-apiserver's loader does."""
     loader = _UniqueKeyLoader(text)
     try:
-        document = loader.get_single_data()
+        # Like kube-apiserver's YAML reader, only the first document of a stream counts.
+        has_document: bool = loader.check_data()  # type: ignore[no-untyped-call]
+        document = loader.get_data() if has_document else None
     except yaml.YAMLError as error:
         raise PolicyError(f"{source}: not valid YAML: {_one_line(error)}") from error
     finally:

@@ -553,6 +553,12 @@ LOADER_TEXTS = {
     "null list": HEADER_V1 + "rules:\n- level: Metadata\n  users: ~\n",
     "metadata name": HEADER_V1 + "metadata: {name: p}\nrules:\n- level: Metadata\n",
     "not YAML": HEADER_V1 + "rules: [\n",
+    "two documents": HEADER_V1 + "rules:\n- level: None\n---\napiVersion: v1\nkind: Pod\n",
+    "policy in the second document": "apiVersion: v1\nkind: Pod\n---\n"
+    + HEADER_V1
+    + "rules:\n- level: None\n",
+    "JSON": json.dumps({"apiVersion": "audit.k8s.io/v1", "kind": "Policy", "rules": [_RULE]}),
+    "PolicyList": HEADER_V1.replace("Policy", "PolicyList") + "items: []\n",
     "empty document": "",
 }
 
