@@ -553,6 +553,12 @@ LOADER_TEXTS = {
     "null list": HEADER_V1 + "rules:\n- level: Metadata\n  users: ~\n",
     "metadata name": HEADER_V1 + "metadata: {name: p}\nrules:\n- level: Metadata\n",
     "not YAML": HEADER_V1 + "rules: [\n",
+    "capitalised key": HEADER_V1 + "rules:\n- Level: Metadata\n",
+    "capitalised key beside the real one": HEADER_V1 + "rules:\n- level: None\n  Verbs: [get]\n",
+    "lower-case level": HEADER_V1 + "rules:\n- level: metadata\n",
+    "stages as a string": HEADER_V1 + "omitStages: RequestReceived\nrules:\n- level: None\n",
+    "rules as a mapping": HEADER_V1 + "rules: {level: None}\n",
+    "rule as a string": HEADER_V1 + "rules: [None]\n",
     "two documents": HEADER_V1 + "rules:\n- level: None\n---\napiVersion: v1\nkind: Pod\n",
     "policy in the second document": "apiVersion: v1\nkind: Pod\n---\n"
     + HEADER_V1
