@@ -131,14 +131,15 @@ class RequestAttributes:
         """Attributes from their JSON form (``auditrelay policy eval``'s input).
 
         Keys are ``user``, ``groups``, ``verb``, ``namespace``, ``apiGroup``, ``resource``,
-        ``subresource``, ``name``, ``path``, ``resourceRequest``; absent or null means empty,
-        and an absent or null ``user`` is a request without an authenticated user. Raises
+        ``subresource``, ``name``, ``path``, ``resourceRequest``; absent or null means empty
+        (an absent ``user`` is the empty user name), except that a null ``user`` is a request
+        without an authenticated user. Raises
         ValueError naming the key whose value has the wrong type.
         """
         unknown = sorted(set(document) - set(_JSON_KEYS))
         if unknown:
             raise ValueError(f"unknown key {unknown[0]!r} (expected {', '.join(_JSON_KEYS)})")
-        user = document.get("user")
+        user = document.get("user", "")
         if user is not None and not isinstance(user, str):
             raise ValueError("'user' must be a string or null")
         groups = document.get("groups") or []

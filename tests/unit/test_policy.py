@@ -542,14 +542,15 @@ def test_bundled_policy_loads_cleanly() -> None:
 
 
 def test_request_attributes_from_json() -> None:
-    """eval's JSON form: absent or null keys are empty; a null user is no user."""
+    """eval's JSON form: absent or null keys are empty; only a null user is no user at all."""
     document = {"groups": ["g"], "verb": "get", "resource": "pods", "resourceRequest": True}
     attributes = RequestAttributes.from_json(document | {"namespace": None})
-
-    assert (
-        RequestAttributes(groups=("g",), verb="get", resource="pods", resource_request=True)
-        == attributes
+    expected = RequestAttributes(
+        user="", groups=("g",), verb="get", resource="pods", resource_request=True
     )
+
+    assert expected == attributes
+    assert None is RequestAttributes.from_json(document | {"user": None}).user
     assert attributes == RequestAttributes.from_json(attributes.to_json())
 
 

@@ -77,7 +77,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="decide request attributes read as JSON lines on stdin",
         description="Each input line is an object with the keys user, groups, verb, namespace, "
         "apiGroup, resource, subresource, name, path, resourceRequest (absent or null means "
-        "empty; a null user is a request without an authenticated user). Each output line is "
+        "empty, except that a null user is a request without an authenticated user). Each "
+        "output line is "
         '{"level", "omitStages", "omitManagedFields", "rule"}.',
     )
     evaluate.add_argument("--policy", required=True, type=Path, help="the audit policy")
