@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import importlib
 import resource
 import time
 from collections.abc import Iterable, Sequence
@@ -66,7 +67,7 @@ class PipelineRun:
 def collect_garbage_like_serve() -> None:
     """The garbage-collector settings ``auditrelay serve`` runs with, when it sets any."""
     try:
-        from auditrelay.cli import serve
+        serve = importlib.import_module("auditrelay.cli.serve")
     except ImportError:
         return
     thresholds = getattr(serve, "GC_THRESHOLDS", None)

@@ -441,7 +441,7 @@ def suite_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip", nargs="*", default=[], help="benchmarks to leave out")
 
 
-SUITE = (
+SUITE: tuple[tuple[str, list[str]], ...] = (
     ("corpus", []),
     ("corpus-backlog", []),
     ("stages", []),
