@@ -130,6 +130,10 @@ def run_stages(args: argparse.Namespace, result: Result) -> None:
 def pipeline_options(parser: argparse.ArgumentParser) -> None:
     corpus_options(parser)
     parser.add_argument(
+        "--cpu", type=cpu_or_none, default=1,
+        help="CPU this process (the sidecar's work) runs on; 'any': leave as started",
+    )  # fmt: skip
+    parser.add_argument(
         "--shape", choices=["raw", "parsed"], default="raw",
         help="tail shape of the chunks: the JSON line in `log`, or json-parsed maps",
     )  # fmt: skip
@@ -385,6 +389,7 @@ def run_cost(args: argparse.Namespace, result: Result) -> None:
 
 def e2e_options(parser: argparse.ArgumentParser) -> None:
     pipeline_options(parser)
+    parser.set_defaults(cpu=0)  # this process plays Fluent Bit, beside the emulator
     parser.add_argument(
         "--sidecar-cpu", type=cpu_or_none, default=1, help="CPU of the sidecar ('any': unpinned)"
     )
@@ -529,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.results = args.results.resolve()
     _, function, _ = COMMANDS[args.benchmark]
+    if getattr(args, "cpu", None) is not None and args.cpu < (os.cpu_count() or 1):
+        os.sched_setaffinity(0, {args.cpu})
     with recording(args.benchmark, args.results) as result:
         function(args, result)
     return 0

@@ -160,7 +160,7 @@ def figures(result: dict[str, object]) -> dict[str, float]:
     return {figure["name"]: figure["value"] for figure in saved}
 
 
-TINY = ("--events", "300", "--emulator-cpu", "any")
+TINY = ("--events", "300", "--emulator-cpu", "any", "--cpu", "any")
 
 
 def test_stages_command_measures_every_step(tmp_path: Path) -> None:
