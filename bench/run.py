@@ -175,6 +175,11 @@ def run_pipeline(args: argparse.Namespace, result: Result) -> None:
 
 
 def report_pipeline(result: Result, run: Any, stored: int, manifest: dict[str, Any]) -> None:
+    if run.events_received != manifest["events"]:
+        raise SystemExit(
+            f"the sidecar received {run.events_received} of the corpus's {manifest['events']} "
+            "events: a figure over a different count would mislead"
+        )
     pinned = cpu_note()
     result.add(
         "sidecar throughput (input events)",
