@@ -10,14 +10,13 @@ the emulator holds every row the policy keeps.
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 from bench.emulator import RunningEmulator, free_port
-from bench.results import Stopwatch
+from bench.results import Stopwatch, process_cpu_seconds
 
 TAG = "kube.audit"
 
@@ -33,14 +32,9 @@ class EndToEndRun:
     stored_rows: int = 0
     clock: Stopwatch = dataclasses.field(default_factory=Stopwatch)
     sidecar_cpu_s: float = 0.0
+    emulator_cpu_s: float = 0.0
     sidecar_peak_rss: int = 0
     flush_seconds: list[float] = dataclasses.field(default_factory=list)
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    ticks = int(fields[11]) + int(fields[12])  # utime + stime
-    return ticks / float(os.sysconf("SC_CLK_TCK"))
 
 
 def peak_rss(pid: int) -> int:
@@ -91,7 +85,8 @@ def run(
                 **emulator.pipeline_properties(),
             }
         )
-        cpu_before = _cpu_seconds(pid)
+        cpu_before = process_cpu_seconds(pid)
+        emulator_before = process_cpu_seconds(emulator.process.pid)
         with result.clock.running():
             for chunk in chunks:
                 started = time.perf_counter()
@@ -106,7 +101,8 @@ def run(
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{emulator.count()} of {expected_rows} rows stored")
                 time.sleep(0.02)
-        result.sidecar_cpu_s = _cpu_seconds(pid) - cpu_before
+        result.sidecar_cpu_s = process_cpu_seconds(pid) - cpu_before
+        result.emulator_cpu_s = process_cpu_seconds(emulator.process.pid) - emulator_before
         result.stored_rows = emulator.count()
         result.sidecar_peak_rss = peak_rss(pid)
     finally:

@@ -26,7 +26,7 @@ from auditrelay.model import PushStatus
 
 from bench import wiring
 from bench.emulator import RunningEmulator
-from bench.results import Stopwatch
+from bench.results import Stopwatch, process_cpu_seconds
 
 TAG = "kube.audit"
 INSTANCE = "auditrelay.0"
@@ -48,6 +48,7 @@ class PipelineRun:
     accept: Stopwatch = dataclasses.field(default_factory=Stopwatch)
     total: Stopwatch = dataclasses.field(default_factory=Stopwatch)
     peak_rss_bytes: int = 0
+    emulator_cpu_s: float = 0.0
     push_latencies: list[float] = dataclasses.field(default_factory=list)
     push_started: list[float] = dataclasses.field(default_factory=list)  # time.time() per chunk
 
@@ -177,11 +178,13 @@ async def run_corpus(
     sidecar = Sidecar(state_dir, {**emulator.pipeline_properties(), **(properties or {})})
     await sidecar.start()
     run = PipelineRun()
+    emulator_before = process_cpu_seconds(emulator.process.pid)
     try:
         with run.total.running():
             await push_all(sidecar, chunks, run, pace)
             async with asyncio.timeout(deadline_s):
                 await sidecar.wait_delivered(sidecar.spooled())
+        run.emulator_cpu_s = process_cpu_seconds(emulator.process.pid) - emulator_before
         sidecar.figures(run)
     finally:
         await sidecar.aclose()

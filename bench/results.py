@@ -125,3 +125,9 @@ class Stopwatch:
         finally:
             self.wall += time.perf_counter() - wall
             self.cpu += time.process_time() - cpu
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / float(os.sysconf("SC_CLK_TCK"))
