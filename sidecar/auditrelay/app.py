@@ -32,7 +32,7 @@ import orjson
 import structlog
 
 from auditrelay import __version__
-from auditrelay.config import PipelineSettings, ServerSettings
+from auditrelay.config import PROPERTY_BY_NAME, Owner, PipelineSettings, Property, ServerSettings
 from auditrelay.deadletter import DeadLetterStore
 from auditrelay.decode import Reason, decode_chunk
 from auditrelay.errors import DecodeError, SpoolError, SpoolFullError
@@ -170,15 +170,21 @@ class _Outcome:
 
 
 _UNSAFE_ID_CHARS: Final = re.compile(r"[^A-Za-z0-9_.-]+")
+_PIPELINE_PROPERTY: Final = Property("unknown", Owner.PIPELINE, "")
 
 
 def pipeline_id_for(instance_name: str, properties: Mapping[str, str]) -> str:
-    """A stable id: the same instance with the same properties gets the same id across restarts.
-
-    Safe as a directory name (dead letters and spool live under it).
+    """A stable id: the same instance with the same pipeline properties gets the same id, also
+    after a restart of either side, so the pipeline's directories (dead letters, spool) are found
+    again. The plugin's own properties (address, timeouts) do not change what the pipeline is.
     """
+    relevant = {
+        key.lower(): value
+        for key, value in properties.items()
+        if PROPERTY_BY_NAME.get(key.lower(), _PIPELINE_PROPERTY).owner is Owner.PIPELINE
+    }
     canonical = orjson.dumps(
-        {"instance": instance_name, "properties": dict(properties)}, option=orjson.OPT_SORT_KEYS
+        {"instance": instance_name, "properties": relevant}, option=orjson.OPT_SORT_KEYS
     )
     digest = hashlib.sha256(canonical).hexdigest()[:16]
     name = _UNSAFE_ID_CHARS.sub("_", instance_name).strip("._") or "pipeline"
