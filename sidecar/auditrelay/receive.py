@@ -16,6 +16,7 @@ The work itself is done by a ``RelayHandler`` (``app.App``).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import socket
@@ -23,7 +24,7 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import grpc
 import structlog
@@ -194,6 +195,25 @@ class RelayService(relay_pb2_grpc.RelayServicer):
     def __init__(self, handler: RelayHandler, max_chunk_bytes: int) -> None:
         self._handler = handler
         self._max_chunk_bytes = max_chunk_bytes
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Returns once no Configure or Push is running or still sending its reply."""
+        await self._idle.wait()
+
+    def _track(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        # Counted until the call is done (reply sent), not just until the handler returns:
+        # cancelling the remaining calls at shutdown must not cut a reply already decided.
+        self.in_flight += 1
+        self._idle.clear()
+        context.add_done_callback(self._call_done)  # type: ignore[arg-type]
+
+    def _call_done(self, _context: object) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
 
     async def Configure(  # noqa: N802 - the gRPC method name
         self,
@@ -201,6 +221,10 @@ class RelayService(relay_pb2_grpc.RelayServicer):
         context: grpc.aio.ServicerContext[relay_pb2.ConfigureRequest, relay_pb2.ConfigureResponse],
     ) -> relay_pb2.ConfigureResponse:
         """Validates the properties and returns the pipeline id, or every problem found."""
+        self._track(context)
+        return await self._configure(request)
+
+    async def _configure(self, request: relay_pb2.ConfigureRequest) -> relay_pb2.ConfigureResponse:
         try:
             pipeline_id = await self._handler.configure(
                 dict(request.properties), request.instance_name, request.plugin_version
@@ -228,6 +252,14 @@ class RelayService(relay_pb2_grpc.RelayServicer):
         context: grpc.aio.ServicerContext[relay_pb2.PushRequest, relay_pb2.PushResponse],
     ) -> relay_pb2.PushResponse:
         """Hands the chunk to its pipeline and answers ACCEPTED, RETRY_LATER or REJECTED."""
+        self._track(context)
+        return await self._push(request, context)
+
+    async def _push(
+        self,
+        request: relay_pb2.PushRequest,
+        context: grpc.aio.ServicerContext[relay_pb2.PushRequest, relay_pb2.PushResponse],
+    ) -> relay_pb2.PushResponse:
         if len(request.chunk) > self._max_chunk_bytes:
             return relay_pb2.PushResponse(
                 status=relay_pb2.PushResponse.REJECTED,
@@ -267,7 +299,7 @@ class RelayServer:
         self.settings = settings
         self.listen = ListenAddress.parse(settings.listen)
         self.health = HealthServicer()
-        self._handler = handler
+        self._service = RelayService(handler, settings.max_chunk_bytes)
         self._server: grpc.aio.Server | None = None
         self._socket_inode: int | None = None
         self.address = ""
@@ -283,9 +315,7 @@ class RelayServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        relay_pb2_grpc.add_RelayServicer_to_server(  # type: ignore[no-untyped-call]
-            RelayService(self._handler, self.settings.max_chunk_bytes), server
-        )
+        relay_pb2_grpc.add_RelayServicer_to_server(self._service, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.address = self._bind(server)
         await server.start()
@@ -313,18 +343,27 @@ class RelayServer:
         return f"unix://{path}"
 
     async def stop(self, grace: float) -> None:
-        """Stops accepting, lets in-flight calls finish within grace seconds, cancels the rest."""
-        if self._server is None:
+        """Stops accepting, lets running pushes finish within grace seconds, cancels the rest.
+
+        Health watchers see NOT_SERVING first. Long-lived calls that are not work (health
+        Watch streams) do not hold the shutdown for the whole grace period.
+        """
+        server, self._server = self._server, None
+        if server is None:
             return
         await self.health.enter_graceful_shutdown()
-        await self._server.stop(grace)
-        self._server = None
+        if grace > 0:
+            refusing = asyncio.create_task(server.stop(grace))  # no new calls from here on
+            try:
+                await asyncio.wait_for(self._service.wait_idle(), grace)
+            except TimeoutError:
+                log.warning("shutdown_grace_expired", calls_cancelled=self._service.in_flight)
+            if not refusing.done():
+                await server.stop(None)  # cancels whatever still runs (health watches)
+            await refusing
+        else:
+            await server.stop(None)
         self._remove_socket()
-
-    async def wait_for_termination(self) -> None:
-        """Returns when the server has stopped."""
-        if self._server is not None:
-            await self._server.wait_for_termination()
 
     def _remove_socket(self) -> None:
         path = self.listen.unix_path
