@@ -186,7 +186,11 @@ func (f *Forwarder) reconfigure(ctx context.Context, stale string) (string, erro
 		return "", err
 	}
 	fresh := f.Pipeline()
-	f.log.info("pipeline reconfigured after a sidecar restart: pipeline %s replaces %s", fresh, stale)
+	if fresh == stale {
+		f.log.info("pipeline %s configured again after a sidecar restart", fresh)
+	} else {
+		f.log.info("pipeline %s configured again after a sidecar restart (was %s)", fresh, stale)
+	}
 	return fresh, nil
 }
 

@@ -185,7 +185,7 @@ func TestFlushReconfiguresAfterSidecarRestart(t *testing.T) {
 	if want, got := "p2", forwarder.Pipeline(); want != got {
 		t.Errorf("Pipeline() = %q, want %q", got, want)
 	}
-	if want := "pipeline reconfigured after a sidecar restart: pipeline p2 replaces p1"; !strings.Contains(log.text(), want) {
+	if want := "pipeline p2 configured again after a sidecar restart (was p1)"; !strings.Contains(log.text(), want) {
 		t.Errorf("log = %q, want %q", log.text(), want)
 	}
 }
