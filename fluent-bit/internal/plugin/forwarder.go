@@ -225,8 +225,11 @@ func describe(err error) string {
 	return err.Error()
 }
 
-// codeName spells a gRPC code the way the protocol does (DEADLINE_EXCEEDED).
+// codeName spells a gRPC code the way the protocol does (DEADLINE_EXCEEDED, CANCELLED).
 func codeName(code codes.Code) string {
+	if code == codes.Canceled {
+		return "CANCELLED"
+	}
 	var out []rune
 	for i, r := range code.String() {
 		if i > 0 && r >= 'A' && r <= 'Z' {

@@ -60,3 +60,18 @@ func TestCodeValuesMatchFluentBit(t *testing.T) {
 		t.Errorf("codes = %d/%d/%d, want FLB_ERROR=0 FLB_OK=1 FLB_RETRY=2", Error, OK, Retry)
 	}
 }
+
+// TestDescribeSpellsCodesLikeTheProtocol pins how a gRPC failure reads in Fluent Bit's log.
+func TestDescribeSpellsCodesLikeTheProtocol(t *testing.T) {
+	cases := map[codes.Code]string{
+		codes.DeadlineExceeded:  "DEADLINE_EXCEEDED: m",
+		codes.Unavailable:       "UNAVAILABLE: m",
+		codes.Canceled:          "CANCELLED: m",
+		codes.ResourceExhausted: "RESOURCE_EXHAUSTED: m",
+	}
+	for code, want := range cases {
+		if got := describe(status.Error(code, "m")); want != got {
+			t.Errorf("describe(%v) = %q, want %q", code, got, want)
+		}
+	}
+}
