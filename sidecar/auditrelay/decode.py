@@ -112,8 +112,15 @@ def _decode(chunk: bytes, tag: str, *, careful: bool) -> DecodedChunk:
                     events.append(result)
             elif reason is _GROUP_MARKER:
                 continue
-            elif start == 0:
-                raise DecodeError(f"the chunk does not start with a Fluent Bit event ({reason})")
+            elif type(item) is not list:
+                # Fluent Bit writes only arrays at the top level: the stream is broken from here
+                # on (text read as msgpack would otherwise become one letter per byte).
+                if start == 0:
+                    raise DecodeError("the chunk does not start with a Fluent Bit event")
+                records += 1
+                letters.append(DeadLetter(Reason.MALFORMED_MSGPACK, chunk[start:], tag))
+                end = len(chunk)
+                break
             else:
                 records += 1
                 letters.append(DeadLetter(reason, chunk[start:end], tag))

@@ -180,7 +180,6 @@ BAD_RECORDS = {
         b"\x93\x01" + map32(audit_event()) + b"\x80",
         Reason.NOT_AN_EVENT,
     ),
-    "a bare number between events": (b"\x2a", Reason.NOT_AN_EVENT),
 }
 
 
@@ -199,6 +198,14 @@ class TestBadRecords:
         assert ["before", "after"] == [e.fields["auditID"] for e in decoded.events]
         assert [reason] == [letter.reason for letter in decoded.dead_letters]
         assert 3 == decoded.records_seen
+
+    @pytest.mark.parametrize(("bad", "reason"), BAD_RECORDS.values(), ids=BAD_RECORDS.keys())
+    def test_bad_first_record_does_not_condemn_the_chunk(self, bad: bytes, reason: str) -> None:
+        """A well-framed but bad first event is one letter; the events after it get through."""
+        decoded = decode_chunk(chunk([bad, parsed_event(audit_id="after")]))
+
+        assert ["after"] == [e.fields["auditID"] for e in decoded.events]
+        assert [reason] == [letter.reason for letter in decoded.dead_letters]
 
     def test_letter_of_a_map_record_holds_the_event_bytes(self) -> None:
         """A bad msgpack record is kept as its exact event bytes."""
@@ -265,6 +272,19 @@ class TestBrokenStreams:
     def test_invalid_byte_after_good_events(self) -> None:
         """0xc1 (never used in msgpack) after good events: those stay, the rest is a letter."""
         tail = b"\xc1" + parsed_event(audit_id="lost")
+        data = chunk([parsed_event(audit_id="a"), tail])
+
+        decoded = decode_chunk(data)
+
+        assert ["a"] == [e.fields["auditID"] for e in decoded.events]
+        assert [(Reason.MALFORMED_MSGPACK, tail)] == [
+            (d.reason, d.payload) for d in decoded.dead_letters
+        ]
+
+    def test_top_level_value_that_is_not_an_array_ends_the_stream(self) -> None:
+        """Fluent Bit writes only arrays: after a stray value the rest is one letter, not one
+        letter per byte of whatever follows."""
+        tail = b"\x2a" + b"some text that msgpack reads as many small integers"
         data = chunk([parsed_event(audit_id="a"), tail])
 
         decoded = decode_chunk(data)
