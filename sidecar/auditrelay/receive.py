@@ -28,6 +28,8 @@ from typing import Any, Final, Protocol
 
 import grpc
 import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
@@ -155,24 +157,56 @@ def _ensure_socket_dir(directory: Path, listen: str) -> None:
 # --- TLS ---------------------------------------------------------------------------------------
 
 
-def _read_pem(field: str, path: Path | None, expected: str) -> bytes:
-    if path is None:
-        raise ConfigError([PropertyProblem(field, "", expected)])
+def _read_file(field: str, path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as error:
-        problem = PropertyProblem(field, str(path), f"a readable PEM file ({error})")
+        problem = PropertyProblem(field, str(path), f"a readable PEM file ({error.strerror})")
         raise ConfigError([problem]) from error
+
+
+def _check_key_pair(settings: ServerSettings, cert: bytes, key: bytes) -> list[PropertyProblem]:
+    """Problems with the server certificate and key, found now rather than at the first handshake."""
+    try:
+        leaf = x509.load_pem_x509_certificates(cert)[0]
+    except ValueError:
+        return [PropertyProblem("tls_cert", str(settings.tls_cert), "a PEM certificate")]
+    try:
+        private_key = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError):
+        return [PropertyProblem("tls_key", str(settings.tls_key), "an unencrypted PEM private key")]
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    encoding = serialization.Encoding.DER
+    if leaf.public_key().public_bytes(encoding, public) != private_key.public_key().public_bytes(
+        encoding, public
+    ):
+        return [PropertyProblem("tls_key", str(settings.tls_key), "the private key of tls_cert")]
+    return []
 
 
 def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials:
     """TLS credentials for a TCP listener; requires and checks client certificates given a CA."""
-    need = "a PEM file: listen is host:port and plain TCP is refused"
-    key = _read_pem("tls_key", settings.tls_key, need)
-    cert = _read_pem("tls_cert", settings.tls_cert, need)
+    missing = [
+        PropertyProblem(name, "", "a PEM file: listen is host:port and plain TCP is refused")
+        for name, path in (("tls_cert", settings.tls_cert), ("tls_key", settings.tls_key))
+        if path is None
+    ]
+    if missing or settings.tls_cert is None or settings.tls_key is None:
+        raise ConfigError(missing)
+    cert = _read_file("tls_cert", settings.tls_cert)
+    key = _read_file("tls_key", settings.tls_key)
+    problems = _check_key_pair(settings, cert, key)
     client_ca = None
     if settings.tls_client_ca is not None:
-        client_ca = _read_pem("tls_client_ca", settings.tls_client_ca, "a PEM file")
+        client_ca = _read_file("tls_client_ca", settings.tls_client_ca)
+        try:
+            x509.load_pem_x509_certificates(client_ca)
+        except ValueError:
+            problems.append(
+                PropertyProblem("tls_client_ca", str(settings.tls_client_ca), "PEM certificates")
+            )
+    if problems:
+        raise ConfigError(problems)
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )

@@ -432,11 +432,35 @@ class TestTls:
         assert [] == handler.pushed
 
     async def test_plain_tcp_is_refused(self, start_server: StartServer) -> None:
-        """host:port without a certificate does not start: the error names the missing file."""
+        """host:port without a certificate does not start: the error names the missing files."""
         with pytest.raises(ConfigError, match="plain TCP is refused") as caught:
             await start_server(ServerSettings(listen="127.0.0.1:0"))
 
-        assert ["tls_key"] == [problem.property for problem in caught.value.problems]
+        assert ["tls_cert", "tls_key"] == [problem.property for problem in caught.value.problems]
+
+    async def test_key_of_another_certificate_is_refused_at_start(
+        self, start_server: StartServer, pki: Pki
+    ) -> None:
+        """A key that does not belong to the certificate fails at start, not at the first call."""
+        settings = replace(tls_settings(pki, client_ca=False), tls_key=pki.client.key)
+
+        with pytest.raises(ConfigError) as caught:
+            await start_server(settings)
+
+        assert [("tls_key", str(pki.client.key), "the private key of tls_cert")] == [
+            (p.property, p.value, p.expected) for p in caught.value.problems
+        ]
+
+    async def test_file_that_is_not_pem_is_named(self, start_server: StartServer, pki: Pki) -> None:
+        """A client CA file that holds no certificate is named with what was expected."""
+        settings = replace(tls_settings(pki, client_ca=True), tls_client_ca=pki.server.key)
+
+        with pytest.raises(ConfigError) as caught:
+            await start_server(settings)
+
+        assert [("tls_client_ca", str(pki.server.key), "PEM certificates")] == [
+            (p.property, p.value, p.expected) for p in caught.value.problems
+        ]
 
     async def test_unreadable_certificate_is_named(
         self, start_server: StartServer, pki: Pki, socket_dir: Path
