@@ -12,7 +12,11 @@ REJECTED (FLB_ERROR) would make Fluent Bit drop it without a trace. The sink rai
 
 The filter and the durable sink are plugged in by factories. Until the real ones are wired in,
 ``KeepEveryEventFilter`` and ``MemoryBufferSink`` stand in: the first keeps every event, the
-second holds accepted events in memory up to the pipeline's ``spool_limit`` bytes.
+second holds accepted events in memory (``MEMORY_BUFFER_BYTES`` of event JSON at most) and
+answers SpoolFullError, hence RETRY_LATER, once full: nothing is lost, nothing is delivered.
+
+``EventFilter.apply`` runs on the single decode thread (never concurrently with itself);
+``EventSink.append`` runs on the event loop.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ SinkFactory = Callable[[PipelineSettings, str], EventSink]
 DeadLetterFactory = Callable[[PipelineSettings, str], DeadLetterSink]
 
 SHUTDOWN_GRACE_SECONDS: Final = 10.0
+# Event JSON held by the in-memory stand-in sink; the Python objects take several times that.
+MEMORY_BUFFER_BYTES: Final = 64 << 20
 
 
 # --- the stand-ins until the policy filter and the durable spool are wired in ------------------
@@ -84,8 +90,8 @@ class MemoryBufferSink:
 
     @classmethod
     def for_pipeline(cls, settings: PipelineSettings, pipeline_id: str) -> MemoryBufferSink:
-        """The sink factory: bounded by the pipeline's spool_limit."""
-        return cls(settings.spool_limit)
+        """The sink factory: bounded by spool_limit, and never more than MEMORY_BUFFER_BYTES."""
+        return cls(min(settings.spool_limit, MEMORY_BUFFER_BYTES))
 
     async def append(self, events: Sequence[AuditEvent]) -> None:
         """Keeps all the events, or none of them when they do not fit."""

@@ -12,6 +12,7 @@ from typing import TextIO
 
 import orjson
 import structlog
+import structlog.stdlib
 import structlog.tracebacks
 
 from auditrelay.config import LogFormat
@@ -47,11 +48,32 @@ def configure_logging(
         if console
         else [_DICT_TRACEBACKS, structlog.processors.JSONRenderer(_orjson_text)]
     )
+    numeric_level = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(
         processors=[*shared, *renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
         logger_factory=structlog.PrintLoggerFactory(output),
         cache_logger_on_first_use=False,
     )
+    _route_stdlib_logging(output, numeric_level, shared, renderer)
+
+
+def _route_stdlib_logging(
+    output: TextIO,
+    level: int,
+    shared: list[structlog.typing.Processor],
+    renderer: list[structlog.typing.Processor],
+) -> None:
+    """Libraries that log through the standard library (grpc, asyncio) come out the same way."""
+    handler = logging.StreamHandler(output)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderer],
+        )
+    )
+    root = logging.getLogger()
+    for existing in root.handlers[:]:
+        root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(level)

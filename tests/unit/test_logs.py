@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import logging
+from collections.abc import Iterator
 
 import orjson
 import pytest
@@ -12,9 +14,13 @@ from auditrelay.logs import configure_logging
 
 
 @pytest.fixture(autouse=True)
-def _reset_structlog() -> object:
-    yield None
+def _reset_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
     structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def test_json_lines_carry_event_level_and_time() -> None:
@@ -62,3 +68,18 @@ def test_tracebacks_never_show_local_variables(log_format: LogFormat) -> None:
 
     assert "delivery failed" in stream.getvalue()
     assert "s3cr3t-value" not in stream.getvalue()
+
+
+def test_standard_library_logs_come_out_as_json_too() -> None:
+    """grpc and asyncio log through logging; their lines are JSON with the logger's name."""
+    stream = io.StringIO()
+    configure_logging(LogFormat.JSON, "info", stream)
+
+    logging.getLogger("grpc._cython.cygrpc").error("unexpected %s", "thing")
+
+    line = orjson.loads(stream.getvalue())
+    assert ("unexpected thing", "error", "grpc._cython.cygrpc") == (
+        line["event"],
+        line["level"],
+        line["logger"],
+    )
