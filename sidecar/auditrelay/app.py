@@ -39,7 +39,14 @@ from auditrelay import __version__
 from auditrelay.config import PROPERTY_BY_NAME, Owner, PipelineSettings, Property, ServerSettings
 from auditrelay.deadletter import DeadLetterStore
 from auditrelay.decode import Reason, decode_chunk
-from auditrelay.errors import DecodeError, SpoolError, SpoolFullError
+from auditrelay.errors import (
+    ConfigError,
+    DecodeError,
+    PolicyError,
+    PropertyProblem,
+    SpoolError,
+    SpoolFullError,
+)
 from auditrelay.model import (
     AuditEvent,
     DeadLetter,
@@ -241,7 +248,7 @@ class App:
                 self.pipelines[pipeline_id] = Pipeline(
                     pipeline_id=pipeline_id,
                     settings=pipeline_settings,
-                    event_filter=self.filter_factory(pipeline_settings),
+                    event_filter=self._build_filter(pipeline_settings),
                     sink=self.sink_factory(pipeline_settings, pipeline_id),
                     dead_letters=self.deadletter_factory(pipeline_settings, pipeline_id),
                 )
@@ -257,6 +264,14 @@ class App:
             properties=sorted(properties),
         )
         return pipeline_id
+
+    def _build_filter(self, settings: PipelineSettings) -> EventFilter:
+        """The pipeline's filter; a policy file that cannot be used is the `policy` property's fault."""
+        try:
+            return self.filter_factory(settings)
+        except PolicyError as error:
+            problem = PropertyProblem("policy", str(settings.policy), f"an audit policy: {error}")
+            raise ConfigError([problem]) from error
 
     async def push(self, pipeline_id: str, tag: str, chunk: bytes) -> PushResult:
         """Decodes, filters and stores one chunk; raises PipelineNotFoundError or SpoolError."""

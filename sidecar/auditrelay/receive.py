@@ -6,6 +6,7 @@ where typed errors become replies and gRPC statuses:
 
 - ``PipelineNotFoundError`` -> status NOT_FOUND (the plugin configures again and retries);
 - ``ConfigError`` -> ``ConfigureResponse.errors``, one per property, never a secret's value;
+- any other ``AuditRelayError`` in Configure -> status FAILED_PRECONDITION with the reason;
 - ``SpoolError`` (``SpoolFullError`` included) -> ``RETRY_LATER``;
 - a chunk over ``max_chunk_bytes`` -> ``REJECTED`` (retrying the same bytes cannot help);
 - anything unexpected -> ``RETRY_LATER`` and a ``push_failed`` log line with the traceback:
@@ -256,29 +257,42 @@ class RelayService(relay_pb2_grpc.RelayServicer):
     ) -> relay_pb2.ConfigureResponse:
         """Validates the properties and returns the pipeline id, or every problem found."""
         self._track(context)
-        return await self._configure(request)
+        return await self._configure(request, context)
 
-    async def _configure(self, request: relay_pb2.ConfigureRequest) -> relay_pb2.ConfigureResponse:
+    async def _configure(
+        self,
+        request: relay_pb2.ConfigureRequest,
+        context: grpc.aio.ServicerContext[relay_pb2.ConfigureRequest, relay_pb2.ConfigureResponse],
+    ) -> relay_pb2.ConfigureResponse:
         try:
             pipeline_id = await self._handler.configure(
                 dict(request.properties), request.instance_name, request.plugin_version
             )
         except ConfigError as error:
-            errors = [
-                relay_pb2.PropertyError(
-                    property=problem.property,
-                    value=_shown_value(problem),
-                    expected=problem.expected,
-                )
-                for problem in error.problems
-            ]
-            log.warning(
-                "configure_rejected",
-                instance_name=request.instance_name,
-                problems=[f"{item.property}: expected {item.expected}" for item in errors],
-            )
-            return relay_pb2.ConfigureResponse(errors=errors)
+            return self._rejected(request, error)
+        except AuditRelayError as error:  # the sidecar itself cannot serve (e.g. its state dir)
+            log.exception("configure_failed", instance_name=request.instance_name)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         return relay_pb2.ConfigureResponse(pipeline_id=pipeline_id)
+
+    def _rejected(
+        self, request: relay_pb2.ConfigureRequest, error: ConfigError
+    ) -> relay_pb2.ConfigureResponse:
+        """The reply naming every problem; secrets and unknown keys without their value."""
+        errors = [
+            relay_pb2.PropertyError(
+                property=problem.property,
+                value=_shown_value(problem),
+                expected=problem.expected,
+            )
+            for problem in error.problems
+        ]
+        log.warning(
+            "configure_rejected",
+            instance_name=request.instance_name,
+            problems=[f"{item.property}: expected {item.expected}" for item in errors],
+        )
+        return relay_pb2.ConfigureResponse(errors=errors)
 
     async def Push(  # noqa: N802 - the gRPC method name
         self,

@@ -16,7 +16,7 @@ from auditrelay.app import (
 from auditrelay.config import PipelineSettings, ServerSettings
 from auditrelay.deadletter import payload_of, read_letters
 from auditrelay.decode import Reason
-from auditrelay.errors import ConfigError, SpoolError, SpoolFullError
+from auditrelay.errors import ConfigError, PolicyError, SpoolError, SpoolFullError
 from auditrelay.model import AuditEvent, PushResult, PushStatus
 from auditrelay.receive import PipelineNotFoundError
 from fixtures import chunks
@@ -115,6 +115,24 @@ class TestConfigure:
         assert [("compression_level", "12", "an integer from 1 to 9")] == [
             (p.property, p.value, p.expected) for p in caught.value.problems
         ]
+        assert {} == app.pipelines
+
+    async def test_unusable_policy_file_names_the_policy_property(
+        self, make_app: MakeApp, tmp_path: Path
+    ) -> None:
+        """A filter that cannot load its policy makes Configure fail on `policy`, with the path."""
+        policy = tmp_path / "policy.yaml"
+        policy.write_text("kind: NotAPolicy\n")
+
+        def filter_factory(settings: PipelineSettings) -> KeepEveryEventFilter:
+            raise PolicyError(f"{settings.policy}: kind must be Policy")
+
+        app = make_app(filter_factory=filter_factory)
+        with pytest.raises(ConfigError) as caught:
+            await configured(app, policy=str(policy))
+
+        assert [("policy", str(policy))] == [(p.property, p.value) for p in caught.value.problems]
+        assert "kind must be Policy" in caught.value.problems[0].expected
         assert {} == app.pipelines
 
     def test_pipeline_id_is_safe_as_a_directory_name(self) -> None:

@@ -37,7 +37,7 @@ class ScriptedHandler:
 
     def __init__(self) -> None:
         self.push_outcome: PushResult | Exception = PushResult(PushStatus.ACCEPTED, 3, 2, 1, 0)
-        self.configure_error: ConfigError | None = None
+        self.configure_error: Exception | None = None
         self.pushed: list[tuple[str, str, bytes]] = []
         self.push_entered = asyncio.Event()
         self.push_release: asyncio.Event | None = None
@@ -230,6 +230,18 @@ class TestConfigure:
             ("compression_level", "12", "an integer from 1 to 9"),
             ("dcr_id", "", "a value when endpoint is set"),
         ] == [(e.property, e.value, e.expected) for e in reply.errors]
+
+    async def test_sidecar_that_cannot_serve_is_failed_precondition(
+        self, channel: grpc.aio.Channel, handler: ScriptedHandler
+    ) -> None:
+        """A sidecar-side failure (not the user's properties) is a status with the reason."""
+        handler.configure_error = SpoolError("cannot create /var/lib/auditrelay/spool: read-only")
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await relay_stub(channel).Configure(relay_pb2.ConfigureRequest(), timeout=10)
+
+        assert grpc.StatusCode.FAILED_PRECONDITION == caught.value.code()
+        assert "read-only" in (caught.value.details() or "")
 
     @pytest.mark.parametrize(
         "problem",
