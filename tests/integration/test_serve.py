@@ -139,10 +139,16 @@ async def push(channel: grpc.aio.Channel, pipeline_id: str, data: bytes) -> Any:
     return await stub(channel).Push(request, timeout=30)
 
 
-async def test_serves_real_chunks_and_stops_cleanly_on_sigterm(
-    launch: Launch, workdir: Path
-) -> None:
+async def test_serves_chunks_and_stops_cleanly_on_sigterm(launch: Launch, workdir: Path) -> None:
     """The whole receiving end as the plugin sees it, then a clean SIGTERM exit."""
+    mixed = chunk(
+        [
+            parsed_event(audit_id="a"),
+            raw_log_event(b"not json"),
+            raw_log_event(),
+            chunks.group_end(),
+        ]
+    )
     sidecar = await launch(*socket_flag(workdir))
     async with grpc.aio.insecure_channel(sidecar.address) as channel:
         health = await health_pb2_grpc.HealthStub(channel).Check(
@@ -150,8 +156,7 @@ async def test_serves_real_chunks_and_stops_cleanly_on_sigterm(
         )
         pipeline_id = (await configure(channel)).pipeline_id
         replies = [
-            await push(channel, pipeline_id, chunks.REAL_CHUNK_PARSED.read_bytes()),
-            await push(channel, pipeline_id, chunks.REAL_CHUNK_RAW_LOG.read_bytes()),
+            await push(channel, pipeline_id, mixed),
             await push(channel, pipeline_id, b""),
             await push(channel, pipeline_id, b"not msgpack at all"),
         ]
@@ -160,8 +165,7 @@ async def test_serves_real_chunks_and_stops_cleanly_on_sigterm(
 
     assert health_pb2.HealthCheckResponse.SERVING == health.status
     assert [
-        (relay_pb2.PushResponse.ACCEPTED, 82, 82, 39),
-        (relay_pb2.PushResponse.ACCEPTED, 82, 82, 39),
+        (relay_pb2.PushResponse.ACCEPTED, 2, 2, 1),
         (relay_pb2.PushResponse.ACCEPTED, 0, 0, 0),
         (relay_pb2.PushResponse.ACCEPTED, 0, 0, 1),
     ] == [(r.status, r.events_received, r.events_accepted, r.events_invalid) for r in replies]
@@ -170,6 +174,23 @@ async def test_serves_real_chunks_and_stops_cleanly_on_sigterm(
         event for event in sidecar.events() if event.startswith("server_")
     ]
     assert not (workdir / "relay.sock").exists()
+
+
+@chunks.requires_real_chunks
+async def test_real_fluent_bit_chunks_are_accepted(launch: Launch, workdir: Path) -> None:
+    """The buffers Fluent Bit 4.2.8 handed to a Go output, json-parsed and raw-log."""
+    sidecar = await launch(*socket_flag(workdir))
+
+    async with grpc.aio.insecure_channel(sidecar.address) as channel:
+        pipeline_id = (await configure(channel)).pipeline_id
+        replies = [
+            await push(channel, pipeline_id, chunks.REAL_CHUNK_PARSED.read_bytes()),
+            await push(channel, pipeline_id, chunks.REAL_CHUNK_RAW_LOG.read_bytes()),
+        ]
+
+    assert [(relay_pb2.PushResponse.ACCEPTED, 82, 82, 39)] * 2 == [
+        (r.status, r.events_received, r.events_accepted, r.events_invalid) for r in replies
+    ]
 
 
 async def test_sigint_also_stops_gracefully(launch: Launch, workdir: Path) -> None:

@@ -175,6 +175,7 @@ class TestPush:
         assert PushResult(PushStatus.ACCEPTED, 2, 2, 0, 0) == result
         assert ["a", "b"] == [event.fields["auditID"] for event in sink.take()]
 
+    @chunks.requires_real_chunks
     async def test_real_chunk_counts(self, app: App) -> None:
         """The real Fluent Bit buffer: 82 events accepted, 39 set aside, all counted."""
         pipeline_id = await configured(app)

@@ -25,6 +25,7 @@ def audit_ids(data: bytes) -> list[str]:
     return [event.fields["auditID"] for event in decode_chunk(data).events]
 
 
+@chunks.requires_real_chunks
 class TestRealChunks:
     """The buffers Fluent Bit 4.2.8 really handed to a Go output."""
 
