@@ -1,0 +1,129 @@
+"""The Fluent Bit configurations we show operators (fluent-bit/conf/, README) are valid for the plugin."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from auditrelay.config import PROPERTY_BY_NAME, PipelineSettings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = REPO_ROOT / "fluent-bit" / "conf"
+README = REPO_ROOT / "README.md"
+
+# Keys of an [OUTPUT] section that Fluent Bit consumes itself; the plugin never sees them.
+FLUENT_BIT_OUTPUT_KEYS = {"name", "match", "match_regex", "alias", "workers", "retry_limit"}
+FLUENT_BIT_OUTPUT_PREFIXES = ("storage.", "tls", "net.")
+
+
+def classic_sections(text: str) -> list[tuple[str, dict[str, str]]]:
+    """The sections of a classic-format file, keys lower-cased, comments skipped."""
+    sections: list[tuple[str, dict[str, str]]] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            sections.append((line[1:-1].upper(), {}))
+            continue
+        key, _, value = line.partition(" ")
+        sections[-1][1][key.lower()] = value.strip()
+    return sections
+
+
+def auditrelay_outputs_classic(text: str) -> list[dict[str, str]]:
+    """The [OUTPUT] sections named auditrelay."""
+    return [
+        keys
+        for name, keys in classic_sections(text)
+        if name == "OUTPUT" and keys.get("name") == "auditrelay"
+    ]
+
+
+def auditrelay_outputs_yaml(document: dict[str, Any]) -> list[dict[str, str]]:
+    """The pipeline outputs named auditrelay, values as Fluent Bit reads them (text)."""
+    outputs = document["pipeline"]["outputs"]
+    return [
+        {str(key).lower(): _text(value) for key, value in output.items()}
+        for output in outputs
+        if output.get("name") == "auditrelay"
+    ]
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def plugin_properties(section: dict[str, str]) -> dict[str, str]:
+    """The keys Fluent Bit passes on to the plugin."""
+    return {
+        key: value
+        for key, value in section.items()
+        if key not in FLUENT_BIT_OUTPUT_KEYS and not key.startswith(FLUENT_BIT_OUTPUT_PREFIXES)
+    }
+
+
+def readme_blocks(language: str) -> list[str]:
+    """The README's fenced code blocks of one language."""
+    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.DOTALL)
+
+
+def all_examples() -> list[tuple[str, dict[str, str]]]:
+    """Every auditrelay output section we show, with where it is shown."""
+    examples = [
+        (f"conf/fluent-bit.conf #{i}", section)
+        for i, section in enumerate(
+            auditrelay_outputs_classic((CONF_DIR / "fluent-bit.conf").read_text())
+        )
+    ]
+    examples += [
+        (f"conf/fluent-bit.yaml #{i}", section)
+        for i, section in enumerate(
+            auditrelay_outputs_yaml(yaml.safe_load((CONF_DIR / "fluent-bit.yaml").read_text()))
+        )
+    ]
+    for block in readme_blocks("ini"):
+        examples += [("README ini", section) for section in auditrelay_outputs_classic(block)]
+    for block in readme_blocks("yaml"):
+        examples += [
+            ("README yaml", section) for section in auditrelay_outputs_yaml(yaml.safe_load(block))
+        ]
+    return examples
+
+
+def test_every_format_is_shown() -> None:
+    """The README and fluent-bit/conf/ each show the output in both the classic and YAML formats."""
+    assert ["README ini", "README yaml", "conf/fluent-bit.conf #0", "conf/fluent-bit.yaml #0"] == (
+        sorted(where for where, _ in all_examples())
+    )
+
+
+@pytest.mark.parametrize(("where", "section"), all_examples(), ids=lambda x: str(x)[:24])
+def test_example_output_is_valid(where: str, section: dict[str, str]) -> None:
+    """Every key is Fluent Bit's or a known property, the sidecar accepts the pipeline properties,
+    and flushes run on workers with unlimited retries."""
+    properties = plugin_properties(section)
+    assert [] == sorted(set(properties) - set(PROPERTY_BY_NAME)), where
+    PipelineSettings.from_properties(properties, "auditrelay.0")
+    assert int(section["workers"]) >= 1, where
+    assert "no_limits" == section["retry_limit"], where
+
+
+def test_classic_and_yaml_examples_agree() -> None:
+    """The classic and YAML example files configure the same output."""
+    classic = auditrelay_outputs_classic((CONF_DIR / "fluent-bit.conf").read_text())
+    in_yaml = auditrelay_outputs_yaml(yaml.safe_load((CONF_DIR / "fluent-bit.yaml").read_text()))
+    assert classic == in_yaml
+
+
+def test_plugin_files_are_not_taken_for_c_plugins() -> None:
+    """The plugin is loaded as out_auditrelay.so: a file named flb-* would be taken for C."""
+    plugins = classic_sections((CONF_DIR / "plugins.conf").read_text())
+    in_yaml = yaml.safe_load((CONF_DIR / "fluent-bit.yaml").read_text())["plugins"]
+    paths = [keys["path"] for name, keys in plugins if name == "PLUGINS"] + in_yaml
+    assert ["out_auditrelay.so", "out_auditrelay.so"] == [Path(path).name for path in paths]

@@ -1,0 +1,311 @@
+"""The App: pipeline registry and the Push flow (decode, filter, sink, dead letters, counters)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from auditrelay.app import (
+    App,
+    KeepEveryEventFilter,
+    MemoryBufferSink,
+    pipeline_id_for,
+)
+from auditrelay.config import PipelineSettings, ServerSettings
+from auditrelay.deadletter import payload_of, read_letters
+from auditrelay.decode import Reason
+from auditrelay.errors import ConfigError, PolicyError, SpoolError, SpoolFullError
+from auditrelay.model import AuditEvent, PushResult, PushStatus
+from auditrelay.receive import PipelineNotFoundError
+from fixtures import chunks
+from fixtures.chunks import audit_line, chunk, parsed_event, raw_log_event
+
+
+class DropVerbFilter:
+    """A real EventFilter: drops events of one verb, keeps the rest unchanged."""
+
+    def __init__(self, verb: str) -> None:
+        self.verb = verb
+
+    def apply(self, event: AuditEvent) -> AuditEvent | None:
+        return None if event.fields.get("verb") == self.verb else event
+
+
+class FailingSink:
+    """An EventSink whose store is broken: every append raises."""
+
+    def __init__(self, error: SpoolError) -> None:
+        self.error = error
+
+    async def append(self, events: Sequence[AuditEvent]) -> None:
+        raise self.error
+
+
+@pytest.fixture(name="settings")
+def _settings(tmp_path: Path) -> ServerSettings:
+    return ServerSettings(listen=f"unix://{tmp_path}/relay.sock", state_dir=tmp_path / "state")
+
+
+MakeApp = Callable[..., App]
+
+
+@pytest.fixture(name="make_app")
+async def _make_app(settings: ServerSettings) -> AsyncIterator[MakeApp]:
+    apps: list[App] = []
+
+    def make(**factories: Any) -> App:
+        app = App(settings, **factories)
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        await app.aclose()
+
+
+@pytest.fixture(name="app")
+def _app(make_app: MakeApp) -> App:
+    return make_app()
+
+
+async def configured(app: App, **properties: str) -> str:
+    return await app.configure(properties, "auditrelay.0", "test")
+
+
+class TestConfigure:
+    """Configure returns a pipeline id; identical requests share one pipeline."""
+
+    async def test_identical_configure_returns_the_same_pipeline(self, app: App) -> None:
+        """A plugin that configures again (after NOT_FOUND, or a hot reload) keeps its pipeline."""
+        first = await configured(app, stream="Custom-A_CL")
+        second = await configured(app, stream="Custom-A_CL")
+
+        assert first == second
+        assert [first] == list(app.pipelines)
+
+    async def test_different_properties_get_a_different_pipeline(self, app: App) -> None:
+        """Two outputs with different settings are two pipelines."""
+        first = await configured(app, stream="Custom-A_CL")
+        second = await configured(app, stream="Custom-B_CL")
+
+        assert first != second
+        assert {first, second} == set(app.pipelines)
+
+    async def test_plugin_properties_do_not_change_the_pipeline(self, app: App) -> None:
+        """Changing the plugin's timeout is the same pipeline (same spool, same dead letters)."""
+        first = await configured(app, sidecar_timeout="2s")
+        second = await configured(app, sidecar_timeout="5s")
+
+        assert first == second
+
+    async def test_a_restarted_sidecar_gives_the_same_id(self, make_app: MakeApp) -> None:
+        """The id depends only on the instance and its properties, so it survives restarts."""
+        before = await configured(make_app(), stream="Custom-A_CL")
+        after = await configured(make_app(), stream="Custom-A_CL")
+
+        assert before == after
+
+    async def test_wrong_value_raises_config_error_naming_it(self, app: App) -> None:
+        """A property with a wrong value is refused with the property, value and expectation."""
+        with pytest.raises(ConfigError) as caught:
+            await configured(app, compression_level="12")
+
+        assert [("compression_level", "12", "an integer from 1 to 9")] == [
+            (p.property, p.value, p.expected) for p in caught.value.problems
+        ]
+        assert {} == app.pipelines
+
+    async def test_unusable_policy_file_names_the_policy_property(
+        self, make_app: MakeApp, tmp_path: Path
+    ) -> None:
+        """A filter that cannot load its policy makes Configure fail on `policy`, with the path."""
+        policy = tmp_path / "policy.yaml"
+        policy.write_text("kind: NotAPolicy\n")
+
+        def filter_factory(settings: PipelineSettings) -> KeepEveryEventFilter:
+            raise PolicyError(f"{settings.policy}: kind must be Policy")
+
+        app = make_app(filter_factory=filter_factory)
+        with pytest.raises(ConfigError) as caught:
+            await configured(app, policy=str(policy))
+
+        assert [("policy", str(policy))] == [(p.property, p.value) for p in caught.value.problems]
+        assert "kind must be Policy" in caught.value.problems[0].expected
+        assert {} == app.pipelines
+
+    def test_pipeline_id_is_safe_as_a_directory_name(self) -> None:
+        """Alias names with slashes or spaces cannot escape the state directory."""
+        pipeline_id = pipeline_id_for("../../etc/my output", {})
+
+        assert "/" not in pipeline_id
+        assert not pipeline_id.startswith(".")
+
+    async def test_factories_receive_the_settings_and_id(self, make_app: MakeApp) -> None:
+        """The integrator's factories get the parsed settings (and the id, for the sink)."""
+        seen: list[tuple[str, str]] = []
+
+        def filter_factory(pipeline: PipelineSettings) -> KeepEveryEventFilter:
+            seen.append(("filter", pipeline.stream))
+            return KeepEveryEventFilter(pipeline)
+
+        def sink_factory(pipeline: PipelineSettings, pipeline_id: str) -> MemoryBufferSink:
+            seen.append(("sink", pipeline_id))
+            return MemoryBufferSink(1 << 20)
+
+        app = make_app(filter_factory=filter_factory, sink_factory=sink_factory)
+        pipeline_id = await configured(app, stream="Custom-A_CL")
+
+        assert [("filter", "Custom-A_CL"), ("sink", pipeline_id)] == seen
+
+
+class TestPush:
+    """The Push flow and its reply."""
+
+    async def test_good_chunk_is_accepted_and_reaches_the_sink(self, app: App) -> None:
+        """Every event of a good chunk is handed to the sink, in order, and counted."""
+        pipeline_id = await configured(app)
+        data = chunk([parsed_event(audit_id="a"), raw_log_event(audit_line(audit_id="b"))])
+
+        result = await app.push(pipeline_id, "kube.audit", data)
+
+        sink = app.pipelines[pipeline_id].sink
+        assert isinstance(sink, MemoryBufferSink)
+        assert PushResult(PushStatus.ACCEPTED, 2, 2, 0, 0) == result
+        assert ["a", "b"] == [event.fields["auditID"] for event in sink.take()]
+
+    @chunks.requires_real_chunks
+    async def test_real_chunk_counts(self, app: App) -> None:
+        """The real Fluent Bit buffer: 82 events accepted, 39 set aside, all counted."""
+        pipeline_id = await configured(app)
+
+        result = await app.push(pipeline_id, "kube.audit", chunks.REAL_CHUNK_RAW_LOG.read_bytes())
+
+        counters = app.counters()[pipeline_id]
+        assert PushResult(PushStatus.ACCEPTED, 82, 82, 0, 39) == result
+        assert (1, 1, 121, 82, 39) == (
+            counters.chunks_received,
+            counters.chunks_accepted,
+            counters.records_seen,
+            counters.events_accepted,
+            counters.events_invalid,
+        )
+        assert {Reason.UNSUPPORTED_API_VERSION: 39} == counters.invalid_by_reason
+
+    async def test_filter_drops_are_counted_as_filtered(self, make_app: MakeApp) -> None:
+        """Events the filter drops are counted, not stored."""
+        app = make_app(filter_factory=lambda _: DropVerbFilter("get"))
+        pipeline_id = await configured(app)
+        data = chunk([parsed_event(audit_id="a", verb="get"), parsed_event(audit_id="b")])
+
+        result = await app.push(pipeline_id, "t", data)
+
+        assert (2, 1, 1) == (
+            result.events_received,
+            result.events_accepted,
+            result.events_filtered,
+        )
+
+    async def test_bad_records_go_to_the_dead_letter_area(
+        self, app: App, settings: ServerSettings
+    ) -> None:
+        """Invalid records are stored under state_dir/deadletter/<pipeline>/ with their reason."""
+        pipeline_id = await configured(app)
+        data = chunk([parsed_event(audit_id="a"), raw_log_event(b"not json")])
+
+        result = await app.push(pipeline_id, "kube.audit", data)
+
+        directory = settings.state_dir / "deadletter" / pipeline_id
+        letters = [x for path in sorted(directory.glob("*.jsonl")) for x in read_letters(path)]
+        assert (1, 1) == (result.events_accepted, result.events_invalid)
+        assert [(Reason.LOG_NOT_JSON, b"not json")] == [
+            (x["reason"], payload_of(x)) for x in letters
+        ]
+
+    async def test_chunk_that_is_not_msgpack_is_set_aside_and_accepted(
+        self, app: App, settings: ServerSettings
+    ) -> None:
+        """Retrying garbage cannot help: it is kept whole as a dead letter and acknowledged."""
+        pipeline_id = await configured(app)
+
+        result = await app.push(pipeline_id, "kube.audit", b"hello world")
+
+        (path,) = (settings.state_dir / "deadletter" / pipeline_id).glob("*.jsonl")
+        (letter,) = read_letters(path)
+        assert (PushStatus.ACCEPTED, 0, 1) == (
+            result.status,
+            result.events_received,
+            result.events_invalid,
+        )
+        assert "not msgpack" in result.message
+        assert (Reason.NOT_MSGPACK, b"hello world") == (letter["reason"], payload_of(letter))
+        assert 1 == app.counters()[pipeline_id].chunks_not_msgpack
+
+    async def test_empty_chunk_is_accepted_with_no_events(self, app: App) -> None:
+        """An empty chunk is fine: ACCEPTED, nothing received."""
+        pipeline_id = await configured(app)
+
+        result = await app.push(pipeline_id, "t", b"")
+
+        assert PushResult(PushStatus.ACCEPTED) == result
+
+    async def test_unknown_pipeline_raises_not_found(self, app: App) -> None:
+        """A pipeline this process never configured (it restarted) is reported as such."""
+        with pytest.raises(PipelineNotFoundError, match="configure again"):
+            await app.push("auditrelay.0-0123456789abcdef", "t", b"")
+
+    @pytest.mark.parametrize(
+        "error", [SpoolFullError("full"), SpoolError("disk gone")], ids=["full", "broken"]
+    )
+    async def test_sink_failure_propagates_and_is_counted(
+        self, make_app: MakeApp, error: SpoolError
+    ) -> None:
+        """When the sink cannot take the events, the error reaches receive (RETRY_LATER)."""
+        app = make_app(sink_factory=lambda _s, _i: FailingSink(error))
+        pipeline_id = await configured(app)
+
+        with pytest.raises(type(error)):
+            await app.push(pipeline_id, "t", parsed_event())
+
+        assert (1, 0) == (
+            app.counters()[pipeline_id].chunks_retry_later,
+            app.counters()[pipeline_id].chunks_accepted,
+        )
+
+    async def test_decode_runs_in_place_without_offload(self, make_app: MakeApp) -> None:
+        """offload=False (for measurements) gives the same result on the loop thread."""
+        app = make_app(offload=False)
+        pipeline_id = await configured(app)
+
+        result = await app.push(pipeline_id, "t", chunk([parsed_event(), parsed_event()]))
+
+        assert 2 == result.events_accepted
+
+
+class TestMemoryBufferSink:
+    """The stand-in sink until the spool exists: bounded, all or nothing."""
+
+    async def test_full_buffer_refuses_the_whole_append(self) -> None:
+        """Events that do not fit are refused together, and nothing of them is kept."""
+        line = audit_line()
+        sink = MemoryBufferSink(limit_bytes=len(line) * 2)
+        event = AuditEvent({"auditID": "x"}, line)
+
+        await sink.append([event, event])
+        with pytest.raises(SpoolFullError, match="do not fit"):
+            await sink.append([event])
+
+        assert 2 == len(sink)
+
+    async def test_take_frees_the_space(self) -> None:
+        """Taking the events makes room again."""
+        line = audit_line()
+        sink = MemoryBufferSink(limit_bytes=len(line))
+        event = AuditEvent({"auditID": "x"}, line)
+        await sink.append([event])
+
+        taken = sink.take()
+        await sink.append([event])
+
+        assert ([event], 1) == (taken, len(sink))
