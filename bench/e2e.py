@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from bench.emulator import RunningEmulator, free_port
+from bench.emulator import REPO, RunningEmulator, free_port
 from bench.results import Stopwatch, process_cpu_seconds
 
 TAG = "kube.audit"
@@ -60,8 +61,11 @@ def run(
     deadline_s: float = 900.0,
 ) -> EndToEndRun:
     """Starts the sidecar, flushes every chunk through the plugin, waits for every row."""
-    from tests.harness.flb_proxy import FLUENT_BIT_4_2_8, GoProxy, Result, build_plugin
-    from tests.harness.sidecar import Sidecar
+    tests = str(REPO / "tests")  # the harness is imported as the tests import it
+    if tests not in sys.path:
+        sys.path.append(tests)
+    from harness.flb_proxy import FLUENT_BIT_4_2_8, GoProxy, Result, build_plugin
+    from harness.sidecar import Sidecar
 
     sidecar = Sidecar.on_socket(
         work / "relay.sock",
