@@ -178,7 +178,8 @@ def _status_label(status: int) -> str:
     return f"{status // 100}xx"
 
 
-def _retry_after(headers: Any) -> float | None:
+def retry_after_seconds(headers: Any) -> float | None:
+    """The wait a response asks for: retry-after-ms, x-ms-retry-after-ms, Retry-After (s or date)."""
     for name, scale in (("retry-after-ms", 0.001), ("x-ms-retry-after-ms", 0.001)):
         value = headers.get(name)
         if value:
@@ -212,7 +213,7 @@ def classify(error: BaseException) -> Attempt:
     if isinstance(error, HttpResponseError) and error.status_code is not None:
         status = error.status_code
         headers = getattr(error.response, "headers", None) or {}
-        retry_after = _retry_after(headers)
+        retry_after = retry_after_seconds(headers)
         message = f"HTTP {status} {_service_message(error)}"
         label = _status_label(status)
         if status == 413:
@@ -309,6 +310,14 @@ class IngestionClient:
         return Attempt(Outcome.DELIVERED, "204")
 
 
+class Sender(Protocol):
+    """Sends one body once (``IngestionClient`` is one)."""
+
+    async def send(self, body: bytes) -> Attempt:
+        """The outcome of one request; never raises for service or network failures."""
+        ...
+
+
 class Payload(Protocol):
     """A request body and the rows it carries (``batch.Body`` is one)."""
 
@@ -389,7 +398,7 @@ class Deliverer:
 
     def __init__(
         self,
-        client: IngestionClient,
+        client: Sender,
         split: Splitter,
         *,
         health: DeliveryHealth | None = None,
