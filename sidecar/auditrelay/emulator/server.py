@@ -295,8 +295,15 @@ class Emulator:
     async def stop(self) -> None:
         """Stops listening, lets answers in flight finish (1 s at most), closes the store."""
         if self._runner is not None:
+            server = self._runner.server
+            handlers = server.connections if server is not None else []
+            transports = [handler.transport for handler in handlers if handler.transport]
             await self._runner.cleanup()
             self._runner = None
+            # A TLS close waits for the peer's close_notify; a stopped emulator does not wait.
+            for transport in transports:
+                transport.abort()
+            await asyncio.sleep(0)
         if self._executor is not None:
             await self._in_store_thread(self.store.close)
             self._executor.shutdown(wait=True)
