@@ -427,6 +427,13 @@ def arm_template() -> dict[str, Any]:
     }
 
 
+def columns_markdown() -> str:
+    """The column table of docs/azure.md (a test keeps the page in step with ``COLUMNS``)."""
+    lines = ["| column | type | value |", "| --- | --- | --- |"]
+    lines += [f"| `{column.name}` | {column.type} | {column.description} |" for column in COLUMNS]
+    return "\n".join(lines) + "\n"
+
+
 def render_template() -> str:
     """The template as committed in deploy/azure/auditrelay.json."""
     return json.dumps(arm_template(), indent=2) + "\n"

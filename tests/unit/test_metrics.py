@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -54,6 +55,16 @@ def test_the_issues_metrics_exist() -> None:
         "auditrelay_last_delivery_timestamp_seconds",
     ):
         assert f"# TYPE {name} " in text, name
+
+
+def test_the_operations_page_explains_every_metric() -> None:
+    """docs/operations.md has a row for each metric the sidecar exposes."""
+    page = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    metrics = Metrics()
+    metrics.pipeline("p")
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        exposed = family.name + ("_total" if family.type == "counter" else "")
+        assert f"| `{exposed}` |" in page, exposed
 
 
 def test_children_count_per_pipeline() -> None:

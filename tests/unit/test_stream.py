@@ -22,6 +22,7 @@ from auditrelay.stream import (
     TRUNCATION_SUFFIX,
     RowEncoder,
     arm_template,
+    columns_markdown,
     render_template,
     row_problems,
 )
@@ -219,6 +220,11 @@ def test_column_names_follow_the_workspace_rules() -> None:
         assert len(column.name) <= 45, column.name
         assert column.name.lower() not in reserved, column.name
     assert len(COLUMNS) == len({column.name.lower() for column in COLUMNS})
+
+
+def test_the_docs_list_the_columns_as_declared() -> None:
+    """docs/azure.md shows the column table generated from COLUMNS, not a stale copy."""
+    assert columns_markdown() in (REPO / "docs" / "azure.md").read_text()
 
 
 def test_the_template_is_valid_json_with_the_arm_schema() -> None:
