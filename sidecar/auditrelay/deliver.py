@@ -131,6 +131,20 @@ def _required(value: _T | None, name: str, auth: Auth) -> _T:
     return value
 
 
+def secret_credential_factory(
+    authority_host: str, tenant_id: str, client_id: str, client_secret: str
+) -> CredentialFactory:
+    """A client-secret credential at a given authority (the bundled emulator's, for instance)."""
+    return lambda transport: ClientSecretCredential(
+        tenant_id,
+        client_id,
+        client_secret,
+        authority=authority_host,
+        transport=transport,
+        disable_instance_discovery=True,
+    )
+
+
 def build_credential(
     settings: PipelineSettings, transport: AioHttpTransport
 ) -> AsyncTokenCredential:
@@ -245,9 +259,11 @@ class IngestionClient:
         credential_factory: CredentialFactory,
         *,
         request_timeout: float = 30.0,
+        on_connection: Callable[[], None] | None = None,
     ) -> None:
         self.destination = destination
         self.request_timeout = request_timeout
+        self._on_connection = on_connection
         self._credential_factory = credential_factory
         self._session: aiohttp.ClientSession | None = None
         self._credential: AsyncTokenCredential | None = None
@@ -256,7 +272,11 @@ class IngestionClient:
     async def open(self) -> None:
         """Opens the HTTP session (needs the running loop)."""
         connector = aiohttp.TCPConnector(ssl=tls_context(self.destination.ca_file))
-        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        tracing = aiohttp.TraceConfig()
+        tracing.on_connection_create_end.append(self._connection_opened)
+        self._session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, trace_configs=[tracing]
+        )
         transport = AioHttpTransport(session=self._session, session_owner=False)
         self._credential = self._credential_factory(
             AioHttpTransport(session=self._session, session_owner=False)
@@ -271,6 +291,10 @@ class IngestionClient:
             retry_total=0,
             logging_enable=False,
         )
+
+    async def _connection_opened(self, *_trace: object) -> None:
+        if self._on_connection is not None:
+            self._on_connection()
 
     async def close(self) -> None:
         """Closes the client, the credential and the session."""

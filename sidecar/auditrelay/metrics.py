@@ -50,6 +50,7 @@ class PipelineMetrics:
     spool_full: Counter
     spool_corrupt_bytes: Counter
     fields_truncated: Counter
+    connections_opened: Counter
     spool_bytes: Gauge
     spool_pending_bytes: Gauge
     spool_oldest_age: Gauge
@@ -133,6 +134,10 @@ class Metrics:
         self.fields_truncated = counter(
             "auditrelay_fields_truncated_total", "Row fields cut to the service's size limits."
         )
+        self.connections_opened = counter(
+            "auditrelay_connections_opened_total",
+            "TLS connections opened to the endpoint and the token authority.",
+        )
         self.spool_bytes = gauge("auditrelay_spool_bytes", "Bytes of spool segment files on disk.")
         self.spool_pending_bytes = gauge(
             "auditrelay_spool_pending_bytes", "Bytes in the spool not yet delivered."
@@ -178,6 +183,7 @@ class Metrics:
             spool_full=self.spool_full.labels(pipeline_id),
             spool_corrupt_bytes=self.spool_corrupt_bytes.labels(pipeline_id),
             fields_truncated=self.fields_truncated.labels(pipeline_id),
+            connections_opened=self.connections_opened.labels(pipeline_id),
             spool_bytes=self.spool_bytes.labels(pipeline_id),
             spool_pending_bytes=self.spool_pending_bytes.labels(pipeline_id),
             spool_oldest_age=self.spool_oldest_age.labels(pipeline_id),

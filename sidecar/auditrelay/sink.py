@@ -116,6 +116,7 @@ class DeliverySink:
             self._destination,
             self._credential_factory,
             request_timeout=self.settings.request_timeout,
+            on_connection=self.metrics.connections_opened.inc,
         )
         await self._client.open()
         self._deliverer = Deliverer(

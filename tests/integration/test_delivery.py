@@ -208,6 +208,22 @@ async def test_a_stream_of_events_arrives_in_full_with_concurrent_requests(
     assert_every_row_matched_the_stream(emulator)
 
 
+async def test_requests_reuse_one_connection(emulator: Emulator, tmp_path: Path) -> None:
+    """Token and ingestion requests share one session and TLS context: batch after batch goes
+    over the connection opened first, not a new handshake per request."""
+    metrics = Metrics()
+    events = fresh_events(500, "reuse")
+    settings = pipeline(emulator, max_concurrency="1")
+    async with running_sink(settings, tmp_path / "spool", metrics=metrics) as sink:
+        for start in range(0, 500, 100):
+            await sink.append(events[start : start + 100])
+            await emulator.wait_for_rows(start + 100, within=30)
+    assert 5 <= len(emulator.store.requests())
+    assert 1.0 == metrics.registry.get_sample_value(
+        "auditrelay_connections_opened_total", {"pipeline": "auditrelay.0"}
+    )
+
+
 # --- failures the sidecar must ride out -----------------------------------------------------
 
 
