@@ -17,10 +17,11 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import jwt
 import orjson
 import pytest
 from auditrelay.config import PipelineSettings
@@ -30,6 +31,10 @@ from auditrelay.metrics import Metrics
 from auditrelay.model import AuditEvent, DeadLetter
 from auditrelay.sink import DeliverySink
 from auditrelay.stream import COLUMN_TYPES, STREAM_NAME
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 
 SIDECAR = Path(__file__).resolve().parents[2] / "sidecar"
 SAMPLES = sorted(Path("/work/shared/data/audit-samples").glob("*.jsonl"))
@@ -222,6 +227,75 @@ async def test_requests_reuse_one_connection(emulator: Emulator, tmp_path: Path)
     assert 1.0 == metrics.registry.get_sample_value(
         "auditrelay_connections_opened_total", {"pipeline": "auditrelay.0"}
     )
+
+
+def service_account_token(path: Path) -> Path:
+    """A projected service-account token as the kubelet writes it for workload identity."""
+    claims = {
+        "iss": "https://kubernetes.default.svc.cluster.local",
+        "sub": "system:serviceaccount:logging:fluent-bit",
+        "aud": ["api://AzureADTokenExchange"],
+        "exp": int(time.time()) + 3600,
+        "iat": int(time.time()),
+    }
+    path.write_text(jwt.encode(claims, "cluster-signing-key-of-32-bytes-at-least!"))
+    return path
+
+
+def client_certificate(path: Path) -> Path:
+    """A PEM with an RSA key and its self-signed certificate, as an app registration holds."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "auditrelay")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    path.write_bytes(key_pem + certificate.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+@pytest.mark.parametrize("auth", ["workload_identity", "client_certificate"])
+async def test_other_identities_get_tokens_and_deliver(
+    emulator: Emulator, tmp_path: Path, auth: str
+) -> None:
+    """The real WorkloadIdentityCredential (projected token) and CertificateCredential get
+    tokens from the emulator's Entra; the rows arrive."""
+    if auth == "workload_identity":
+        extra = {"federated_token_file": str(service_account_token(tmp_path / "sa-token"))}
+    else:
+        extra = {"client_certificate": str(client_certificate(tmp_path / "client.pem"))}
+    settings = pipeline(emulator, auth=auth, **extra)
+    events = fresh_events(50, auth)
+    async with running_sink(settings, tmp_path / "spool") as sink:
+        await sink.append(events)
+        await emulator.wait_for_rows(len(events), within=30)
+    methods = {grant.method for grant in emulator.store.token_requests()}
+    assert {"federated" if auth == "workload_identity" else "client_certificate"} == methods
+    assert {} == +assert_all_arrived(emulator, ids(events))
+
+
+async def test_a_token_for_the_wrong_cloud_is_refused_and_kept(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """cloud usgov asks for a token for https://monitor.azure.us: the public endpoint answers 401
+    InvalidAudience, the pipeline is not ready at once, and the rows stay in the spool."""
+    settings = pipeline(emulator, cloud="usgov")
+    async with running_sink(settings, tmp_path / "spool", drain=0.1) as sink:
+        await sink.append(fresh_events(10, "usgov"))
+        await wait_for(lambda: bool(sink.problems()), 30, "not ready")
+        assert "InvalidAudience" in sink.problems()[0]
+        assert 0 < sink.spool.pending_bytes
+    assert 0 == emulator.store.count()
 
 
 # --- failures the sidecar must ride out -----------------------------------------------------
