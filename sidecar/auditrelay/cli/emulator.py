@@ -84,7 +84,8 @@ def add_parser(subparsers: Any) -> None:
         "--store",
         choices=[mode.value for mode in StoreMode],
         default=StoreMode.FULL.value,
-        help="full: keep each row; ids: keep only auditIDs (benchmarks).",
+        help="full: check and keep each row; ids: only scan bodies for auditIDs and keep those, "
+        "without column checks (benchmarks).",
     )
     serve.add_argument("--token-lifetime", type=float, default=3600.0, help="Seconds.")
     serve.add_argument(

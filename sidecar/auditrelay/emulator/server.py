@@ -22,6 +22,7 @@ import concurrent.futures
 import json
 import math
 import os
+import re
 import secrets
 import socket
 import ssl
@@ -227,6 +228,12 @@ def _gunzip(body: bytes, limit: int) -> bytes:
     return b"".join(parts)
 
 
+def _audit_id_scanner(column: str) -> Callable[[bytes], list[bytes]]:
+    """Finds every ``"<column>": "<value>"`` in a body without parsing it (StoreMode.IDS)."""
+    pattern = re.compile(rb'"' + re.escape(column.encode()) + rb'"\s*:\s*"([^"\\]*)"')
+    return pattern.findall
+
+
 class Emulator:
     """A local Logs Ingestion endpoint with its own token authority; an async context manager.
 
@@ -245,6 +252,11 @@ class Emulator:
             for name, declaration in self.declarations.items()
         }
         self.store = Store.in_directory(settings.state_dir, settings.store_mode)
+        self._id_scanners = {
+            name: _audit_id_scanner(declaration.audit_id_column)
+            for name, declaration in self.declarations.items()
+            if settings.store_mode is StoreMode.IDS and declaration.audit_id_column
+        }
         self.faults = FaultPlan(list(settings.faults), seed=settings.fault_seed)
         self._throttle = _Throttle(settings.requests_per_minute, settings.bytes_per_minute)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -693,9 +705,17 @@ class Emulator:
             raw = _gunzip(body, self.settings.max_raw_bytes)
         elif len(raw) > self.settings.max_raw_bytes:
             raise _RefusedError(
-                413, "ContentLengthLimitExceeded", too_large_message(len(raw), len(raw))
+                413,
+                "ContentLengthLimitExceeded",
+                too_large_message(self.settings.max_raw_bytes, len(raw)),
             )
         attempt.raw_bytes = len(raw)
+        checker = self._checkers[attempt.stream]
+        scanner = self._id_scanners.get(attempt.stream)
+        if scanner is not None:
+            if raw.lstrip()[:1] != b"[":
+                return self._not_an_array(attempt)
+            return _Answer(204), [(found.decode(), None, None) for found in scanner(raw)], []
         try:
             document = orjson.loads(raw)
         except orjson.JSONDecodeError as error:
@@ -703,16 +723,7 @@ class Emulator:
                 400, "InvalidJson", f"The body is not valid JSON: {error}"
             ) from None
         if not isinstance(document, list):
-            if self.settings.body_mode == BodyMode.STRICT:
-                raise _RefusedError(
-                    400, "InvalidPayload", "The body must be a JSON array of objects."
-                )
-            entry = attempt.error(
-                "BodyNotArray", "The body is not a JSON array; nothing was stored."
-            )
-            attempt.rows_dropped = 1
-            return _Answer(204), [], [entry]
-        checker = self._checkers[attempt.stream]
+            return self._not_an_array(attempt)
         checked = checker.check(document, datetime.fromtimestamp(attempt.received, UTC))
         attempt.rows_dropped = len(document) - len(checked.rows)
         errors = [
@@ -727,6 +738,15 @@ class Emulator:
                 )
             )
         return _Answer(204), self._prepare(checker, checked.rows), errors
+
+    def _not_an_array(
+        self, attempt: _Attempt
+    ) -> tuple[_Answer, list[PreparedRow], list[ErrorEntry]]:
+        if self.settings.body_mode == BodyMode.STRICT:
+            raise _RefusedError(400, "InvalidPayload", "The body must be a JSON array of objects.")
+        entry = attempt.error("BodyNotArray", "The body is not a JSON array; nothing was stored.")
+        attempt.rows_dropped = 1
+        return _Answer(204), [], [entry]
 
     def _prepare(self, checker: RowChecker, rows: list[dict[str, Any]]) -> list[PreparedRow]:
         audit_column = checker.declaration.audit_id_column

@@ -5,7 +5,8 @@ the request is answered, so a client that got its 204 finds its rows here. Reade
 ``auditrelay emulator`` query commands, another process) open their own connections; WAL mode
 lets them read while the emulator writes.
 
-``StoreMode.IDS`` keeps only each row's auditID (no row text, no index), for benchmarks.
+``StoreMode.IDS`` is for benchmarks: the emulator only scans each body for its auditIDs (no
+JSON parsing, no column checks) and keeps those, without row text or index.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class StoreMode(enum.Enum):
     """How much of each accepted row is kept."""
 
     FULL = "full"  # the row as the table would hold it, indexed by auditID
-    IDS = "ids"  # only the auditID: for benchmarks
+    IDS = "ids"  # only the auditIDs found by scanning the body, unchecked: for benchmarks
 
 
 @dataclass(frozen=True, slots=True)
