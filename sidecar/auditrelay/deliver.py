@@ -328,7 +328,7 @@ class IngestionClient:
             OSError,
         ) as error:
             return classify(error)
-        except Exception as error:
+        except Exception as error:  # an SDK surprise must not lose the rows
             # Kept as transient: the rows stay in the spool and /readyz turns red if it persists.
             return Attempt(Outcome.RETRY, "error", f"{type(error).__name__}: {error}"[:1000])
         return Attempt(Outcome.DELIVERED, "204")

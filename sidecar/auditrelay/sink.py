@@ -127,7 +127,7 @@ class DeliverySink:
             observe=self._observe,
         )
         self._export_gauges(self._spool)
-        self._tasks.append(asyncio.create_task(self._pump(), name=f"{self.name}-pump"))
+        self._tasks.append(asyncio.create_task(self._pump_forever(), name=f"{self.name}-pump"))
         if self.settings.spool_sync is SpoolSync.INTERVAL:
             self._tasks.append(asyncio.create_task(self._sync_timer(), name=f"{self.name}-sync"))
         log.info(
@@ -211,7 +211,7 @@ class DeliverySink:
         for event in events:
             try:
                 rows.append(encode(event))
-            except Exception as error:
+            except Exception as error:  # one odd event must not fail the chunk
                 payload = event.raw if event.raw is not None else repr(event.fields).encode()
                 letters.append(DeadLetter(f"row encoding failed: {error}", payload, self.name))
         truncated = self._encoder.stats.fields_truncated
@@ -221,6 +221,30 @@ class DeliverySink:
         return rows, letters
 
     # --- the pump: spool -> bodies -> in-flight requests ----------------------------------------
+
+    async def _pump_forever(self) -> None:
+        failures = 0
+        while True:
+            try:
+                await self._pump()
+            except (
+                Exception
+            ) as error:  # delivery must outlive any surprise; the spool keeps the rows
+                failures += 1
+                log.exception("pump_failed", pipeline=self.name, error=str(error))
+                self.health.failed(Attempt(Outcome.RETRY, "error", f"pump failed: {error}"))
+                await self._restart_from_acknowledged()
+                await asyncio.sleep(self._backoff.delay(failures))
+
+    async def _restart_from_acknowledged(self) -> None:
+        """Drops what is in flight and reads again from the acknowledged position, so that no
+        row read before the failure can be skipped by a later acknowledgement."""
+        tasks = [ticket.task for ticket in self._inflight.values() if ticket.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._inflight.clear()  # the cancelled tasks gave their slots back while finishing
+        await asyncio.to_thread(self.spool.rewind)
 
     async def _pump(self) -> None:
         spool = self.spool
@@ -270,7 +294,7 @@ class DeliverySink:
             while bodies:
                 try:
                     await self._deliver_body(bodies[0])
-                except Exception as error:
+                except Exception as error:  # e.g. the dead-letter sink failed: try the body again
                     failures += 1
                     log.exception("batch_failed", pipeline=self.name, error=str(error))
                     await asyncio.sleep(self._backoff.delay(failures))

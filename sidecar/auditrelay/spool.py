@@ -130,7 +130,9 @@ class Spool:
         for path in sorted(directory.glob("*" + SEGMENT_SUFFIX)):
             if path.stem.isdigit():
                 self._sizes[int(path.stem)] = path.stat().st_size
-        self._ack = self._load_cursor()
+        cursor = self._load_cursor()
+        self._report_missing_segments(cursor)
+        self._ack = self._normalized_start(cursor)
         self._delete_before(self._ack.segment)
         self._read = self._ack
         self._ages: deque[tuple[Position, float]] = deque()
@@ -330,6 +332,11 @@ class Spool:
                 total += added
             with self._state_lock:
                 self._read = position = self._normalized(position)
+                skipped_only = not rows and position > start and start == self._ack
+            if skipped_only:
+                # Only damage was passed over and nothing is outstanding: move the cursor past it
+                # so the damaged segment can go and nothing waits on it.
+                self.acknowledge(position)
             if not rows:
                 return None
             return SpoolRead(rows=rows, start=start, end=position, raw_bytes=total)
@@ -354,7 +361,13 @@ class Spool:
         path = self.directory / _segment_name(position.segment)
         offset = position.offset
         added = 0
-        with open(path, "rb", buffering=0) as segment:
+        try:
+            segment = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the with below
+        except FileNotFoundError:
+            return self._skip(path, position.segment, offset, end, "segment file missing")
+        except OSError as error:
+            raise SpoolError(f"spool {self.directory}: cannot read {path.name}: {error}") from error
+        with segment:
             fd = segment.fileno()
             block = b""
             base = offset  # block holds the file's bytes from base on
@@ -445,16 +458,39 @@ class Spool:
         oldest = Position(min(self._sizes, default=1), 0)
         try:
             stored = json.loads(path.read_text(encoding="ascii"))
-            position = Position(int(stored["segment"]), int(stored["offset"]))
+            return Position(int(stored["segment"]), int(stored["offset"]))
         except FileNotFoundError:
             return oldest
         except (OSError, ValueError, KeyError, TypeError) as error:
             log.warning("spool_cursor_unreadable", path=str(path), error=str(error))
             return oldest
-        if position.segment not in self._sizes:
-            later = [n for n in self._sizes if n > position.segment]
-            return Position(min(later), 0) if later else Position(position.segment + 1, 0)
-        return position
+
+    def _normalized_start(self, cursor: Position) -> Position:
+        if cursor.segment in self._sizes:
+            return cursor
+        later = [n for n in self._sizes if n > cursor.segment]
+        return Position(min(later), 0) if later else Position(cursor.segment + 1, 0)
+
+    def _report_missing_segments(self, cursor: Position) -> None:
+        """Segments between the cursor and the newest that are gone: their rows are lost."""
+        if not self._sizes:
+            return
+        for number in range(cursor.segment, max(self._sizes)):
+            if number not in self._sizes:
+                self._skip_missing(self.directory / _segment_name(number), cursor, number)
+
+    def _skip_missing(self, path: Path, cursor: Position, number: int) -> None:
+        region = CorruptRegion(
+            path=path,
+            offset=cursor.offset if number == cursor.segment else 0,
+            skipped_bytes=0,
+            reason="segment file missing",
+        )
+        log.warning(
+            "spool_damage_skipped", segment=str(path), skipped_bytes=0, reason=region.reason
+        )
+        if self._on_corrupt is not None:
+            self._on_corrupt(region)
 
     def _delete_before(self, segment: int) -> None:
         with self._state_lock:

@@ -155,6 +155,22 @@ def test_a_torn_tail_is_reported_and_skipped(spool_dir: Path) -> None:
     reopened.close()
 
 
+def test_a_torn_tail_alone_does_not_hold_the_spool(spool_dir: Path) -> None:
+    """Once everything before a torn tail is delivered, passing the damage frees its segment:
+    nothing stays pending and the damaged file is deleted."""
+    spool = Spool(spool_dir, limit_bytes=10 << 20)
+    spool.append(rows(0, 4))
+    drain(spool)
+    spool.close()
+    crash_mid_append(spool_dir, frame(rows(4, 1))[:20])
+    damaged = segments(spool_dir)[-1]
+    reopened = Spool(spool_dir, limit_bytes=10 << 20, on_corrupt=lambda region: None)
+    assert reopened.read(1 << 20) is None
+    assert 0 == reopened.pending_bytes
+    assert damaged not in segments(spool_dir)
+    reopened.close()
+
+
 def test_a_torn_frame_header_is_reported_and_skipped(spool_dir: Path) -> None:
     """Even a few bytes of a frame header at the end are recognised as a torn tail."""
     spool = Spool(spool_dir, limit_bytes=10 << 20)
@@ -186,6 +202,23 @@ def test_a_damaged_record_skips_the_rest_of_its_segment_only(spool_dir: Path) ->
     assert [("checksum mismatch", 5 * row_size)] == [
         (region.reason, region.skipped_bytes) for region in damage
     ]
+    reopened.close()
+
+
+def test_a_segment_deleted_behind_the_spools_back_is_reported_and_skipped(spool_dir: Path) -> None:
+    """A missing segment file (removed by hand) is reported like damage; later rows still come."""
+    spool = Spool(spool_dir, limit_bytes=10 << 20, segment_bytes=1024)
+    spool.append(rows(0, 30))
+    spool.append(rows(30, 30))
+    first = spool.read(10)
+    assert first is not None
+    spool.acknowledge(first.end)  # the cursor now points into the first segment
+    spool.close()
+    (spool_dir / segments(spool_dir)[0]).unlink()
+    damage: list[CorruptRegion] = []
+    reopened = Spool(spool_dir, limit_bytes=10 << 20, on_corrupt=damage.append)
+    assert rows(30, 30) == drain(reopened)
+    assert ["segment file missing"] == [region.reason for region in damage]
     reopened.close()
 
 
