@@ -28,7 +28,7 @@ from auditrelay.config import PipelineSettings
 from auditrelay.emulator import DEFAULT_DCR_ID, Emulator, EmulatorSettings, Fault, FaultKind
 from auditrelay.errors import SpoolFullError
 from auditrelay.metrics import Metrics
-from auditrelay.model import AuditEvent, DeadLetter
+from auditrelay.model import AuditEvent, DeadLetter, EventSink
 from auditrelay.sink import DeliverySink
 from auditrelay.stream import COLUMN_TYPES, STREAM_NAME
 from cryptography import x509
@@ -198,6 +198,17 @@ async def test_every_real_sample_arrives_as_a_declared_row(
     sample = metrics.registry.get_sample_value
     assert 121.0 == sample("auditrelay_events_delivered_total", {"pipeline": "auditrelay.0"})
     assert 121.0 == sample("auditrelay_events_spooled_total", {"pipeline": "auditrelay.0"})
+
+
+async def test_the_sink_is_the_event_sink_app_expects(emulator: Emulator, tmp_path: Path) -> None:
+    """DeliverySink satisfies model.EventSink (checked by mypy here) and works with interval sync."""
+    settings = pipeline(emulator, spool_sync="interval", spool_sync_interval="50ms")
+    events = fresh_events(300, "interval")
+    async with running_sink(settings, tmp_path / "spool") as sink:
+        as_protocol: EventSink = sink
+        await as_protocol.append(events)
+        await emulator.wait_for_rows(len(events), within=30)
+    assert {} == +assert_all_arrived(emulator, ids(events))
 
 
 async def test_a_stream_of_events_arrives_in_full_with_concurrent_requests(
