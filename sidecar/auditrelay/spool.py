@@ -57,6 +57,7 @@ READ_BLOCK: Final = 1 << 20
 MAX_FRAME_PAYLOAD: Final = 64 << 20  # a length above this is damage, not a row
 _DISK_FULL: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
 _AGE_RESOLUTION: Final = 1.0  # seconds between two remembered append times
+_MAX_AGES: Final = 4096  # remembered append times at most
 
 
 class Position(NamedTuple):
@@ -215,6 +216,10 @@ class Spool:
                 now = time.time()
                 if not self._ages or now - self._ages[-1][1] >= _AGE_RESOLUTION:
                     self._ages.append((start, now))
+                    if len(self._ages) > _MAX_AGES:
+                        # A long backlog: keep every other time (the oldest stays exact), so
+                        # memory stays flat and ages only get coarser.
+                        self._ages = deque(list(self._ages)[::2])
             if end.offset >= self.segment_bytes:
                 self._rotate_quietly(end.segment + 1)
             return end
