@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import AsyncIterator
@@ -260,3 +261,26 @@ def test_fault_command_without_a_running_emulator_is_a_clear_error(
     """Pointing `emulator fault` at a directory with no running emulator exits 2."""
     assert 2 == main(["emulator", "fault", "--state-dir", str(tmp_path), "503"])
     assert "the directory of a running emulator" in capsys.readouterr().err
+
+
+def test_port_already_in_use_is_a_clear_error(
+    tmp_path: Path, streams_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """serve on a port another socket holds exits 2 naming the address."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        code = main(
+            [
+                "emulator",
+                "serve",
+                "--state-dir",
+                str(tmp_path),
+                "--streams",
+                str(streams_file),
+                "--port",
+                str(port),
+            ]
+        )
+
+    assert 2 == code
+    assert f"--host/--port: got '127.0.0.1:{port}'" in capsys.readouterr().err

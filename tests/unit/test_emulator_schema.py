@@ -15,6 +15,7 @@ from auditrelay.emulator.schema import (
     StreamDeclaration,
     load_declarations,
     parse_declarations,
+    shipped_declarations,
 )
 
 RECEIVED = datetime(2026, 5, 1, 12, 0, 0, tzinfo=UTC)
@@ -180,3 +181,14 @@ def test_string_longer_than_64_kb_is_cut_to_64_kb() -> None:
     kept = checked.rows[0]["auditID"]
     assert MAX_FIELD_BYTES == len(kept.encode("utf-8"))
     assert ["FieldTruncated"] == [problem.kind for problem in checked.problems]
+
+
+def test_shipped_declaration_is_the_row_encoders_stream() -> None:
+    """Without --streams the emulator declares exactly the stream auditrelay.stream writes."""
+    from auditrelay import stream
+
+    declarations = shipped_declarations()
+
+    assert [stream.STREAM_NAME] == list(declarations)
+    assert dict(stream.COLUMN_TYPES) == dict(declarations[stream.STREAM_NAME].columns)
+    assert "auditID" == declarations[stream.STREAM_NAME].audit_id_column

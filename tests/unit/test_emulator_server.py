@@ -13,7 +13,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-from auditrelay.emulator import ADMIN_HEADER, Emulator, EmulatorSettings, StoreMode
+from auditrelay.emulator import (
+    ADMIN_HEADER,
+    Emulator,
+    EmulatorSettings,
+    Fault,
+    FaultKind,
+    StoreMode,
+)
 
 STREAM = "Custom-KubeAudit_CL"
 COLUMNS = {"TimeGenerated": "datetime", "auditID": "string", "code": "int"}
@@ -366,3 +373,51 @@ async def test_waiting_for_rows_returns_once_they_are_stored(
     """wait_for_rows returns as soon as the store holds the rows."""
     await post(session, emulator, json.dumps(rows(2)).encode())
     await emulator.wait_for_rows(2, within=5)
+
+
+async def test_refused_token_carries_a_bearer_challenge(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    """A 401 names the authority in WWW-Authenticate, as Azure resource providers do."""
+    status, headers, _ = await post(
+        session, emulator, b"[]", headers={"Authorization": "Bearer x.y.z"}
+    )
+
+    assert 401 == status
+    assert headers["WWW-Authenticate"].startswith(
+        f'Bearer authorization_uri="{emulator.authority_host}/common", error="invalid_token"'
+    )
+
+
+async def test_client_without_access_to_the_rule_gets_403(tmp_path: Path) -> None:
+    """With allowed_clients set, another client's valid token gets 403 OperationFailed."""
+    settings = EmulatorSettings(
+        state_dir=tmp_path, streams={STREAM: COLUMNS}, allowed_clients=frozenset({"sidecar"})
+    )
+    async with Emulator(settings) as emulator:
+        connector = aiohttp.TCPConnector(ssl=emulator.client_ssl_context())
+        async with aiohttp.ClientSession(connector=connector) as session:
+            body = json.dumps(rows(1)).encode()
+            stranger = await post(session, emulator, body)
+            allowed = await post(
+                session,
+                emulator,
+                body,
+                headers={"Authorization": f"Bearer {emulator.issue_token(client_id='sidecar')}"},
+            )
+
+    code, message = error_of(stranger[2])
+    assert (403, "OperationFailed") == (stranger[0], code)
+    assert f"immutable Id '{emulator.dcr_id}' PipelineAccessResult: AccessGranted: False" in message
+    assert 204 == allowed[0]
+
+
+async def test_injected_403_speaks_like_a_missing_role_assignment(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    """A 403 fault has the service's OperationFailed body (role assignment not yet effective)."""
+    emulator.add_fault(Fault(FaultKind.STATUS, status=403, count=1))
+    status, headers, body = await post(session, emulator, json.dumps(rows(1)).encode())
+
+    assert (403, "OperationFailed") == (status, headers["x-ms-error-code"])
+    assert "does not have access to ingest data" in error_of(body)[1]

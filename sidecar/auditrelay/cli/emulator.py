@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
 import signal
 import ssl
@@ -32,9 +31,9 @@ from auditrelay.emulator import (
     FaultError,
     Store,
     StoreMode,
-    StreamDeclaration,
     load_declarations,
     parse_fault,
+    shipped_declarations,
 )
 from auditrelay.emulator.server import INFO_FILE
 from auditrelay.errors import ConfigError, PropertyProblem
@@ -161,25 +160,14 @@ def run(args: argparse.Namespace) -> int:
     return actions[args.action](args)
 
 
-def default_declarations() -> dict[str, StreamDeclaration]:
-    """The stream auditrelay ships (``auditrelay.stream``), as the emulator declares it."""
-    try:
-        stream = importlib.import_module("auditrelay.stream")
-        name, columns = stream.STREAM_NAME, dict(stream.COLUMN_TYPES)
-    except (ImportError, AttributeError) as error:
-        raise DeclarationError(
-            f"no stream declaration built in ({error}); pass --streams"
-        ) from None
-    return {name: StreamDeclaration(name, columns)}
-
-
 def settings_from(args: argparse.Namespace) -> EmulatorSettings:
     """The emulator settings the ``serve`` flags describe."""
     try:
-        declarations = load_declarations(args.streams) if args.streams else default_declarations()
+        declarations = load_declarations(args.streams) if args.streams else shipped_declarations()
     except DeclarationError as error:
         shown = str(args.streams) if args.streams else ""
-        raise ConfigError([PropertyProblem("--streams", shown, str(error))]) from None
+        expected = f"stream declarations in JSON ({error})"
+        raise ConfigError([PropertyProblem("--streams", shown, expected)]) from None
     return EmulatorSettings(
         state_dir=args.state_dir,
         streams=declarations,
@@ -202,7 +190,12 @@ def settings_from(args: argparse.Namespace) -> EmulatorSettings:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    asyncio.run(_serve_until_stopped(settings))
+    try:
+        asyncio.run(_serve_until_stopped(settings))
+    except OSError as error:
+        where = f"{settings.host}:{settings.port}"
+        expected = f"an address and port this process can listen on ({error.strerror})"
+        raise ConfigError([PropertyProblem("--host/--port", where, expected)]) from None
     return 0
 
 

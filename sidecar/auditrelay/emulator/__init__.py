@@ -5,7 +5,12 @@ the real ``azure-identity`` credentials talk to it over real HTTPS. See ``server
 """
 
 from auditrelay.emulator.faults import Fault, FaultError, FaultKind, parse_fault
-from auditrelay.emulator.schema import DeclarationError, StreamDeclaration, load_declarations
+from auditrelay.emulator.schema import (
+    DeclarationError,
+    StreamDeclaration,
+    load_declarations,
+    shipped_declarations,
+)
 from auditrelay.emulator.server import (
     ADMIN_HEADER,
     DEFAULT_DCR_ID,
@@ -35,4 +40,5 @@ __all__ = [
     "load_declarations",
     "parse_fault",
     "running_in_thread",
+    "shipped_declarations",
 ]

@@ -13,6 +13,7 @@ service does. String values longer than 64 KB are cut to 64 KB, also as the serv
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from collections.abc import Mapping
@@ -63,6 +64,19 @@ class StreamDeclaration:
         if self.audit_id_column is None:
             found = next((c for c in self.columns if c.lower() == "auditid"), None)
             object.__setattr__(self, "audit_id_column", found)
+
+
+def shipped_declarations() -> dict[str, StreamDeclaration]:
+    """The stream auditrelay's rows are made for (``auditrelay.stream``), as a declaration.
+
+    Looked up when called, so the emulator does not depend on the row encoder at import time.
+    """
+    try:
+        stream = importlib.import_module("auditrelay.stream")
+        name, columns = str(stream.STREAM_NAME), dict(stream.COLUMN_TYPES)
+    except (ImportError, AttributeError) as error:
+        raise DeclarationError(f"no built-in stream declaration ({error})") from None
+    return {name: StreamDeclaration(name, columns)}
 
 
 def load_declarations(path: Path) -> dict[str, StreamDeclaration]:

@@ -90,7 +90,9 @@ class EmulatorSettings:
     """How one emulator behaves. Sizes in bytes, times in seconds.
 
     ``streams`` maps each stream of the rule to its declared columns (``{column: type}`` in
-    the DCR's type names) or to a ``StreamDeclaration``.
+    the DCR's type names) or to a ``StreamDeclaration``. ``client_secrets`` (client id ->
+    secret) makes the token endpoint check secrets; ``allowed_clients`` makes ingestion answer
+    403 to other clients, as a rule without their role assignment does.
     """
 
     state_dir: Path
@@ -101,6 +103,7 @@ class EmulatorSettings:
     audience: str = DEFAULT_AUDIENCE
     token_lifetime: float = 3600.0
     client_secrets: Mapping[str, str] | None = None
+    allowed_clients: frozenset[str] | None = None  # None: every client may ingest
     max_body_bytes: int = MAX_BODY_BYTES
     max_raw_bytes: int = MAX_RAW_BYTES
     requests_per_minute: int = REQUESTS_PER_MINUTE
@@ -168,9 +171,12 @@ class _Answer:
 
 
 class _RefusedError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.headers = dict(headers or {})
 
 
 def error_body(code: str, message: str) -> bytes:
@@ -189,6 +195,15 @@ def error_response(
         body=error_body(code, message),
         content_type="application/json",
         headers=all_headers,
+    )
+
+
+def access_denied_message(dcr: str) -> str:
+    """The service's 403 message for an identity without Monitoring Metrics Publisher."""
+    return (
+        "The authentication token provided does not have access to ingest data for the data "
+        f"collection rule with immutable Id '{dcr}' PipelineAccessResult: AccessGranted: False, "
+        "IsRbacPresent: False."
     )
 
 
@@ -278,6 +293,13 @@ class Emulator:
 
     async def start(self) -> None:
         """Creates the state directory, certificates and store, and starts listening."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._tls = ensure_certificates(self.state_dir / "tls")
         self._tokens = TokenIssuer(
@@ -293,14 +315,19 @@ class Emulator:
         )
         self._changed = asyncio.Condition()
         await self._in_store_thread(self.store.open_for_writing)
-        listener = socket.create_server((self.settings.host, self.settings.port))
+        family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
+        listener = socket.create_server((self.settings.host, self.settings.port), family=family)
+        try:
+            self._runner = web.AppRunner(
+                self._app(), access_log=None, shutdown_timeout=1.0, auto_decompress=False
+            )
+            await self._runner.setup()
+            site = web.SockSite(self._runner, listener, ssl_context=self._tls.server_context())
+            await site.start()
+        except BaseException:
+            listener.close()
+            raise
         self.port = int(listener.getsockname()[1])
-        self._runner = web.AppRunner(
-            self._app(), access_log=None, shutdown_timeout=1.0, auto_decompress=False
-        )
-        await self._runner.setup()
-        site = web.SockSite(self._runner, listener, ssl_context=self._tls.server_context())
-        await site.start()
         self._write_info()
         log.info("emulator_started", endpoint=self.endpoint, dcr_id=self.dcr_id)
 
@@ -320,8 +347,9 @@ class Emulator:
             await self._in_store_thread(self.store.close)
             self._executor.shutdown(wait=True)
             self._executor = None
-        (self.state_dir / INFO_FILE).unlink(missing_ok=True)
-        log.info("emulator_stopped", endpoint=self.endpoint)
+        if self.port:
+            (self.state_dir / INFO_FILE).unlink(missing_ok=True)
+            log.info("emulator_stopped", endpoint=self.endpoint)
 
     # --- what clients need ----------------------------------------------------------------
 
@@ -430,6 +458,7 @@ class Emulator:
             "streams": sorted(self.declarations),
             "audience": self.settings.audience,
             "database": str(self.store.path),
+            "admin_key_file": str(self.state_dir / "admin.key"),
             "pid": os.getpid(),
         }
         (self.state_dir / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
@@ -566,8 +595,9 @@ class Emulator:
         except _RefusedError as refusal:
             attempt.status, attempt.error_code = refusal.status, refusal.code
             await self._log_attempt(attempt)
-            headers = {"Connection": "close"} if refusal.status == 413 else None
-            return error_response(refusal.status, refusal.code, refusal.message, headers)
+            if refusal.status == 413:
+                refusal.headers["Connection"] = "close"
+            return error_response(refusal.status, refusal.code, refusal.message, refusal.headers)
         await self._notify()
         if fault is not None and fault.kind is FaultKind.TIMEOUT_AFTER_STORE:
             await asyncio.sleep(fault.delay)
@@ -591,9 +621,18 @@ class Emulator:
                 f"'{', '.join(sorted(API_VERSIONS))}'.",
             )
         try:
-            self.tokens.verify(request.headers.get("Authorization"))
+            claims = self.tokens.verify(request.headers.get("Authorization"))
         except TokenRejectedError as rejected:
-            raise _RefusedError(401, rejected.code, rejected.message) from None
+            challenge = (
+                f'Bearer authorization_uri="{self.authority_host}/common", '
+                f'error="invalid_token", error_description="{rejected.message}"'
+            )
+            raise _RefusedError(
+                401, rejected.code, rejected.message, {"WWW-Authenticate": challenge}
+            ) from None
+        allowed = self.settings.allowed_clients
+        if allowed is not None and claims.get("appid") not in allowed:
+            raise _RefusedError(403, "OperationFailed", access_denied_message(attempt.dcr))
         if attempt.dcr != self.dcr_id:
             raise _RefusedError(
                 404,
@@ -667,7 +706,10 @@ class Emulator:
         headers = {}
         if fault.retry_after is not None:
             headers["Retry-After"] = f"{fault.retry_after:g}"
-        return error_response(fault.status, code, f"Injected fault: {fault.name}.", headers)
+        message = f"Injected fault: {fault.name}."
+        if fault.status == 403:
+            message = access_denied_message(attempt.dcr)
+        return error_response(fault.status, code, message, headers)
 
     async def _drop(self, request: web.Request, attempt: _Attempt) -> web.StreamResponse:
         attempt.status = 0
