@@ -20,6 +20,7 @@ from auditrelay.emulator import (
     Fault,
     FaultKind,
     StoreMode,
+    shipped_declarations,
 )
 
 STREAM = "Custom-KubeAudit_CL"
@@ -421,3 +422,9 @@ async def test_injected_403_speaks_like_a_missing_role_assignment(
 
     assert (403, "OperationFailed") == (status, headers["x-ms-error-code"])
     assert "does not have access to ingest data" in error_of(body)[1]
+
+
+async def test_default_settings_serve_the_stream_auditrelay_ships(tmp_path: Path) -> None:
+    """EmulatorSettings(state_dir) alone declares the shipped stream (the embedded default)."""
+    async with Emulator(EmulatorSettings(state_dir=tmp_path)) as emulator:
+        assert shipped_declarations().keys() == emulator.declarations.keys()

@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -42,7 +42,7 @@ import structlog
 from aiohttp import web
 
 from auditrelay.emulator.faults import STATUS_CODES, Fault, FaultError, FaultKind, FaultPlan
-from auditrelay.emulator.schema import RowChecker, StreamDeclaration
+from auditrelay.emulator.schema import RowChecker, StreamDeclaration, shipped_declarations
 from auditrelay.emulator.store import (
     ErrorEntry,
     PreparedRow,
@@ -90,13 +90,16 @@ class EmulatorSettings:
     """How one emulator behaves. Sizes in bytes, times in seconds.
 
     ``streams`` maps each stream of the rule to its declared columns (``{column: type}`` in
-    the DCR's type names) or to a ``StreamDeclaration``. ``client_secrets`` (client id ->
+    the DCR's type names) or to a ``StreamDeclaration``; by default, the stream auditrelay
+    ships (``shipped_declarations()``). ``client_secrets`` (client id ->
     secret) makes the token endpoint check secrets; ``allowed_clients`` makes ingestion answer
     403 to other clients, as a rule without their role assignment does.
     """
 
     state_dir: Path
-    streams: Mapping[str, Mapping[str, str] | StreamDeclaration]
+    streams: Mapping[str, Mapping[str, str] | StreamDeclaration] = field(
+        default_factory=shipped_declarations
+    )
     dcr_id: str = DEFAULT_DCR_ID
     host: str = "127.0.0.1"
     port: int = 0
