@@ -555,3 +555,27 @@ async def test_async_client_with_client_secret_sees_injected_503_then_succeeds(
 
     assert [503, 204] == [attempt.status for attempt in emulator.store.requests()]
     assert 3 == emulator.store.count()
+
+
+def test_endpoint_down_then_back_on_the_same_port_keeps_ca_tokens_and_rows(
+    tmp_path: Path,
+) -> None:
+    """Stopped, the endpoint refuses connections; restarted on its port and state directory it
+    serves the same CA, accepts the token issued before, and still holds the earlier rows."""
+    with running_in_thread(settings(tmp_path / "emulator")) as first:
+        credential = secret_credential(first)
+        port, ca = first.port, first.ca_file.read_bytes()
+        with sync_client(first, credential) as client:
+            client.upload(first.dcr_id, STREAM, make_rows(2))
+    try:
+        with sync_client(first, credential) as client, pytest.raises(ServiceRequestError):
+            client.upload(first.dcr_id, STREAM, make_rows(1, start=2))
+        again = settings(tmp_path / "emulator", port=port)
+        with running_in_thread(again) as second, sync_client(second, credential) as client:
+            client.upload(second.dcr_id, STREAM, make_rows(2, start=3))
+
+            assert ca == second.ca_file.read_bytes()
+            assert 4 == second.store.count()
+            assert 1 == len(second.store.token_requests())
+    finally:
+        credential.close()
