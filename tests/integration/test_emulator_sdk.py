@@ -1,4 +1,4 @@
-"""The real Azure SDK (azure-monitor-ingestion, azure-identity) over real HTTPS against the emulator."""
+"""The real Azure SDK (azure-monitor-ingestion, azure-identity) over HTTPS against the emulator."""
 
 from __future__ import annotations
 
@@ -190,7 +190,7 @@ def test_workload_identity_with_wrong_assertion_audience_is_refused(
 
 
 def test_certificate_credential_uploads(emulator: Emulator, tmp_path: Path) -> None:
-    """CertificateCredential's signed client assertion (x5t, audience = token endpoint) is accepted."""
+    """CertificateCredential's signed assertion (x5t, audience = token endpoint) is accepted."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "auditrelay-test")])
     now = datetime.now(UTC)

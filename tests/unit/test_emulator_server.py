@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 from auditrelay.emulator import (
     ADMIN_HEADER,
+    BodyMode,
     Emulator,
     EmulatorSettings,
     Fault,
@@ -233,7 +234,9 @@ async def test_decompressed_size_is_capped(tmp_path: Path) -> None:
 
 async def test_strict_mode_refuses_an_object_body(tmp_path: Path) -> None:
     """In strict mode a body that is not an array is 400 instead of 204-and-drop."""
-    settings = EmulatorSettings(state_dir=tmp_path, streams={STREAM: COLUMNS}, body_mode="strict")
+    settings = EmulatorSettings(
+        state_dir=tmp_path, streams={STREAM: COLUMNS}, body_mode=BodyMode.STRICT
+    )
     async with Emulator(settings) as emulator:
         connector = aiohttp.TCPConnector(ssl=emulator.client_ssl_context())
         async with aiohttp.ClientSession(connector=connector) as session:

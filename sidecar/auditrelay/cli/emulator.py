@@ -77,7 +77,8 @@ def add_parser(subparsers: Any) -> None:
     serve.add_argument(
         "--strict-body",
         action="store_true",
-        help="Answer 400 to a body that is not a JSON array (the service answers 204 and drops it).",
+        help="Answer 400 to a body that is not a JSON array (the service answers 204 and "
+        "drops it).",
     )
     serve.add_argument(
         "--store",

@@ -167,7 +167,8 @@ def _build(
         except ValueError:
             allowed = ", ".join(member.value for member in FaultKind)
             raise FaultError(
-                f"unknown fault kind {kind!r}; expected an HTTP status (429, 500, 502, 503, 504, ...) "
+                f"unknown fault kind {kind!r}; expected an HTTP status (429, 500, 502, 503, "
+                "504, ...) "
                 f"or one of {allowed}"
             ) from None
     if delay is None:

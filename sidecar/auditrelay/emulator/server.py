@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import enum
 import json
 import math
 import os
@@ -78,7 +79,7 @@ T = TypeVar("T")
 _GZIP_ERROR = cast("type[Exception]", isal.isal_zlib.IsalError)
 
 
-class BodyMode:
+class BodyMode(enum.Enum):
     """What happens to a body whose top level is not a JSON array."""
 
     REALISTIC = "realistic"  # 204, nothing stored, an error-log entry (what the service does)
@@ -91,9 +92,9 @@ class EmulatorSettings:
 
     ``streams`` maps each stream of the rule to its declared columns (``{column: type}`` in
     the DCR's type names) or to a ``StreamDeclaration``; by default, the stream auditrelay
-    ships (``shipped_declarations()``). ``client_secrets`` (client id ->
-    secret) makes the token endpoint check secrets; ``allowed_clients`` makes ingestion answer
-    403 to other clients, as a rule without their role assignment does.
+    ships (``shipped_declarations()``). ``client_secrets`` (client id -> secret) makes the
+    token endpoint check secrets; ``allowed_clients`` makes ingestion answer 403 to other
+    clients, as a rule without their role assignment does.
     """
 
     state_dir: Path
@@ -112,7 +113,7 @@ class EmulatorSettings:
     requests_per_minute: int = REQUESTS_PER_MINUTE
     bytes_per_minute: int = BYTES_PER_MINUTE
     throttle_retry_after: bool = True
-    body_mode: str = BodyMode.REALISTIC
+    body_mode: BodyMode = BodyMode.REALISTIC
     store_mode: StoreMode = StoreMode.FULL
     fill_time_generated: bool = False
     faults: tuple[Fault, ...] = ()
@@ -170,7 +171,6 @@ class _Answer:
     status: int
     code: str | None = None
     message: str = ""
-    rows_stored: int = 0
 
 
 class _RefusedError(Exception):
@@ -336,6 +336,7 @@ class Emulator:
 
     async def stop(self) -> None:
         """Stops listening, lets answers in flight finish (1 s at most), closes the store."""
+        was_serving = self._runner is not None and self.port != 0
         if self._runner is not None:
             server = self._runner.server
             handlers = server.connections if server is not None else []
@@ -350,7 +351,7 @@ class Emulator:
             await self._in_store_thread(self.store.close)
             self._executor.shutdown(wait=True)
             self._executor = None
-        if self.port:
+        if was_serving:
             (self.state_dir / INFO_FILE).unlink(missing_ok=True)
             log.info("emulator_stopped", endpoint=self.endpoint)
 
@@ -435,7 +436,10 @@ class Emulator:
         self.tokens.revoke_all()
 
     async def wait_until(self, predicate: Callable[[], bool], within: float) -> None:
-        """Returns once ``predicate()`` holds (checked after every request); TimeoutError after ``within`` s."""
+        """Returns once ``predicate()`` holds, checked after every request.
+
+        Raises TimeoutError if it does not hold within ``within`` seconds.
+        """
         if self._changed is None:
             raise RuntimeError("the emulator is not started")
         changed = self._changed
@@ -646,7 +650,8 @@ class Emulator:
             raise _RefusedError(
                 404,
                 "InvalidStream",
-                f"Stream '{attempt.stream}' is not declared in data collection rule '{attempt.dcr}'.",
+                f"Stream '{attempt.stream}' is not declared in data collection rule "
+                f"'{attempt.dcr}'.",
             )
         if request.content_type != "application/json":
             raise _RefusedError(
@@ -779,7 +784,8 @@ class Emulator:
             errors.append(
                 attempt.error(
                     "MoreProblems",
-                    f"{len(checked.problems) - MAX_ERRORS_PER_REQUEST} more problems in this request",
+                    f"{len(checked.problems) - MAX_ERRORS_PER_REQUEST} more problems in this "
+                    "request",
                 )
             )
         return _Answer(204), self._prepare(checker, checked.rows), errors
@@ -787,7 +793,7 @@ class Emulator:
     def _not_an_array(
         self, attempt: _Attempt
     ) -> tuple[_Answer, list[PreparedRow], list[ErrorEntry]]:
-        if self.settings.body_mode == BodyMode.STRICT:
+        if self.settings.body_mode is BodyMode.STRICT:
             raise _RefusedError(400, "InvalidPayload", "The body must be a JSON array of objects.")
         entry = attempt.error("BodyNotArray", "The body is not a JSON array; nothing was stored.")
         attempt.rows_dropped = 1

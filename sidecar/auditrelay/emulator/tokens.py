@@ -193,7 +193,7 @@ class TokenIssuer:
         return claims
 
     def check_grant(self, tenant: str, form: Mapping[str, str], token_endpoint: str) -> Grant:
-        """Validates a client-credentials token request the way Entra does; raises GrantRefusedError."""
+        """Checks a client-credentials token request as Entra does; raises GrantRefusedError."""
         grant_type = form.get("grant_type", "")
         if grant_type != "client_credentials":
             raise GrantRefusedError(
