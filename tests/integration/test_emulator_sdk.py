@@ -468,7 +468,7 @@ def test_dropped_connection_fails_the_request(emulator: Emulator, kind: str, sto
 
     assert isinstance(error, ServiceRequestError | ServiceResponseError)
     assert stored == emulator.store.count()
-    assert [kind] == [attempt.fault for attempt in emulator.store.requests()]
+    assert [(kind, 0)] == [(attempt.fault, attempt.status) for attempt in emulator.store.requests()]
 
 
 def test_probabilistic_fault_hits_some_requests(tmp_path: Path) -> None:

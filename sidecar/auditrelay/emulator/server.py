@@ -432,7 +432,12 @@ class Emulator:
         self.faults.clear()
 
     def revoke_tokens(self) -> None:
-        """Refuses every token issued so far (as expired); new ones are accepted."""
+        """Refuses every token issued so far (as expired); new ones are accepted.
+
+        azure-identity keeps using its cached token until that token's own expiry, so after
+        this a real credential sees 401 until then: a credential gone bad. For a token that
+        simply expires mid-stream, use a short ``token_lifetime`` instead.
+        """
         self.tokens.revoke_all()
 
     async def wait_until(self, predicate: Callable[[], bool], within: float) -> None:
@@ -743,6 +748,8 @@ class Emulator:
         except _RefusedError as refusal:
             answer, rows, errors = _Answer(refusal.status, refusal.code, refusal.message), [], []
         attempt.status, attempt.error_code = answer.status, answer.code
+        if attempt.fault == FaultKind.DROP_AFTER_STORE.value:
+            attempt.status = 0  # the rows are kept, but the client never gets an answer
         attempt.rows_stored = len(rows)
         self.store.record(attempt.record(), rows, errors)
         return answer
