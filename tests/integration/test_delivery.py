@@ -309,6 +309,33 @@ async def test_a_token_for_the_wrong_cloud_is_refused_and_kept(
     assert 0 == emulator.store.count()
 
 
+async def test_a_later_batch_delivered_first_does_not_move_the_cursor_past_an_earlier_one(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """With two requests in flight, the spool position is acknowledged only once every earlier
+    batch is delivered too, so a crash at that moment resends the slow batch (at-least-once)."""
+    emulator.add_fault(Fault(FaultKind.SLOW, delay=3.0, count=1))
+    metrics = Metrics()
+    child = metrics.registry.get_sample_value
+    labels = {"pipeline": "auditrelay.0"}
+    first, second = fresh_events(100, "slow"), fresh_events(100, "fast")
+    settings = pipeline(emulator, max_concurrency="2")
+    async with running_sink(settings, tmp_path / "spool", metrics=metrics) as sink:
+        before = sink.spool.acknowledged
+        await sink.append(first)
+        await wait_for(
+            lambda: (child("auditrelay_compressed_bytes_total", labels) or 0) > 0, 10, "dispatch"
+        )
+        await sink.append(second)
+        await wait_for(
+            lambda: child("auditrelay_events_delivered_total", labels) == 100, 10, "fast batch"
+        )
+        assert [] == [row.audit_id for row in emulator.store.rows() if "slow" in str(row.audit_id)]
+        assert before == sink.spool.acknowledged
+        await wait_for(lambda: sink.spool.pending_bytes == 0, 30, "both batches acknowledged")
+    assert {} == +assert_all_arrived(emulator, ids(first) + ids(second))
+
+
 # --- failures the sidecar must ride out -----------------------------------------------------
 
 
