@@ -261,7 +261,7 @@ def test_expired_token_gets_401(emulator: Emulator) -> None:
 def test_credential_fetches_a_new_token_once_the_old_one_expired(tmp_path: Path) -> None:
     """With short-lived tokens the real credential refreshes on expiry and uploads keep working."""
     with (
-        running_in_thread(settings(tmp_path / "emulator", token_lifetime=1)) as emulator,
+        running_in_thread(settings(tmp_path / "emulator", token_lifetime=3)) as emulator,
         secret_credential(emulator) as credential,
         sync_client(emulator, credential) as client,
     ):
