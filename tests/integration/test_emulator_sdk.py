@@ -136,9 +136,20 @@ def service_account_token(tmp_path: Path) -> Path:
 # --- identity ---------------------------------------------------------------------------------
 
 
-def test_client_secret_credential_uploads_and_rows_are_stored(emulator: Emulator) -> None:
-    """ClientSecretCredential gets a token from the emulator's Entra; the rows are stored."""
-    with secret_credential(emulator) as credential, sync_client(emulator, credential) as client:
+def test_client_secret_credential_uploads_and_rows_are_stored(
+    emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ClientSecretCredential, pointed here by AZURE_AUTHORITY_HOST, gets a token from the
+    emulator's Entra (OpenID discovery, then the grant); the rows are stored."""
+    monkeypatch.setenv("AZURE_AUTHORITY_HOST", emulator.authority_host)
+    credential = ClientSecretCredential(
+        TENANT,
+        CLIENT,
+        "not-a-real-secret",
+        disable_instance_discovery=True,  # MSAL would ask login.microsoftonline.com otherwise
+        connection_verify=str(emulator.ca_file),
+    )
+    with credential, sync_client(emulator, credential) as client:
         client.upload(emulator.dcr_id, STREAM, make_rows(25))
 
     assert 25 == emulator.store.count()

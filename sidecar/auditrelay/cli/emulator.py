@@ -5,7 +5,11 @@ auditrelay emulator count --state-dir DIR
 auditrelay emulator rows --state-dir DIR --audit-id ID
 auditrelay emulator errors --state-dir DIR
 auditrelay emulator requests --state-dir DIR
-auditrelay emulator fault --state-dir DIR 429:retry_after=2,count=5 | --list | --clear
+auditrelay emulator fault --state-dir DIR [429:retry_after=2,count=5 ...] [--clear]
+
+serve prints endpoint:, authority_host:, ca_file:, dcr_id:, streams: and database: lines, then
+"ready"; the same facts are in DIR/emulator.json while it runs. Point the SDK at the endpoint,
+trust ca_file, and set AZURE_AUTHORITY_HOST to authority_host.
 """
 
 from __future__ import annotations
