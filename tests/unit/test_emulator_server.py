@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
 import json
+import socket
 import stat
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -21,6 +23,7 @@ from auditrelay.emulator import (
     Fault,
     FaultKind,
     StoreMode,
+    running_in_thread,
     shipped_declarations,
 )
 
@@ -431,3 +434,31 @@ async def test_default_settings_serve_the_stream_auditrelay_ships(tmp_path: Path
     """EmulatorSettings(state_dir) alone declares the shipped stream (the embedded default)."""
     async with Emulator(EmulatorSettings(state_dir=tmp_path)) as emulator:
         assert shipped_declarations().keys() == emulator.declarations.keys()
+
+
+async def test_concurrent_uploads_are_each_stored_once(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    """Twenty requests in flight at once: every row stored once, every attempt logged."""
+
+    async def upload(batch: int) -> int:
+        now = datetime.now(UTC).isoformat()
+        body = [{"TimeGenerated": now, "auditID": f"b{batch}-{i}", "code": i} for i in range(50)]
+        return (await post(session, emulator, json.dumps(body).encode()))[0]
+
+    answers = await asyncio.gather(*(upload(batch) for batch in range(20)))
+
+    assert [204] * 20 == answers
+    counts = emulator.store.audit_id_counts()
+    assert (1000, {1}) == (len(counts), set(counts.values()))
+    assert 20 == len(emulator.store.requests())
+
+
+def test_running_in_thread_reports_a_failed_start(tmp_path: Path) -> None:
+    """A background emulator that cannot listen raises in the caller's thread."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        settings = EmulatorSettings(
+            state_dir=tmp_path, streams={STREAM: COLUMNS}, port=taken.getsockname()[1]
+        )
+        with pytest.raises(OSError, match="in use"), running_in_thread(settings):
+            pass

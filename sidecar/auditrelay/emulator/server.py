@@ -890,12 +890,15 @@ def running_in_thread(settings: EmulatorSettings, timeout: float = 30.0) -> Iter
             loop.run_until_complete(emulator.start())
         except BaseException as error:  # handed to the caller's thread below
             failure.append(error)
+            loop.close()
             started.set()
             return
         started.set()
-        loop.run_forever()
-        loop.run_until_complete(emulator.stop())
-        loop.close()
+        try:
+            loop.run_forever()
+            loop.run_until_complete(emulator.stop())
+        finally:
+            loop.close()
 
     thread = threading.Thread(target=serve, name="emulator", daemon=True)
     thread.start()
