@@ -118,13 +118,21 @@ _EVENT_FITS: Final[Mapping[str, tuple[type, ...]]] = {
 _TIME_FIELDS: Final = ("stageTimestamp", "requestReceivedTimestamp", "timestamp")
 
 
-def _misfits(fields: Mapping[str, Any]) -> list[str]:
-    """Top-level keys that are not event columns or whose value does not fit the column type."""
-    return [
-        key
-        for key, value in fields.items()
-        if (fits := _EVENT_FITS.get(key)) is None or type(value) not in fits
-    ]
+_TEXT_COLUMNS: Final = tuple(
+    name for name, kind in _EVENT_COLUMNS.items() if kind in ("string", "datetime")
+)
+
+
+def _fits_columns(fields: Mapping[str, Any]) -> bool:
+    """Every key is an event column and every value fits its column's type (hot path: only
+    string and datetime columns constrain the value, dynamic ones take anything)."""
+    if not fields.keys() <= _EVENT_KEYS:
+        return False
+    get = fields.get
+    for name in _TEXT_COLUMNS:  # noqa: SIM110 - a third faster than all() over a generator
+        if type(get(name, "")) is not str:
+            return False
+    return True
 
 
 def _time_generated(fields: Mapping[str, Any]) -> str:
@@ -199,7 +207,7 @@ class RowEncoder:
             and len(raw) <= MAX_FIELD_BYTES
             and raw[-1:] == b"}"
             and fields  # an empty object would need no comma before the spliced columns
-            and not _misfits(fields)
+            and _fits_columns(fields)
         ):
             self.stats.spliced += 1
             return b"".join(
