@@ -69,9 +69,9 @@ class Binaries:
 def kubernetes_version() -> str:
     """The k8s.io/kubernetes version that go.mod pins."""
     text = (MODULE_DIR / "go.mod").read_text(encoding="utf-8")
-    match = re.search(r"^require k8s\.io/kubernetes (v\d+\.\d+\.\d+)\s*$", text, re.MULTILINE)
+    match = re.search(r"^(?:require )?\s*k8s\.io/kubernetes (v\d+\.\d+\.\d+)\b", text, re.MULTILINE)
     if match is None:
-        raise BuildError(f"{MODULE_DIR / 'go.mod'}: no 'require k8s.io/kubernetes vX.Y.Z' line")
+        raise BuildError(f"{MODULE_DIR / 'go.mod'}: no requirement of k8s.io/kubernetes vX.Y.Z")
     return match.group(1)
 
 

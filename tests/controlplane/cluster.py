@@ -360,6 +360,9 @@ class ControlPlane:
             str(self.binaries.kube_apiserver),
             "--bind-address=127.0.0.1",
             "--advertise-address=127.0.0.1",
+            # The endpoint reconcilers refuse a loopback advertise address; nothing here uses
+            # the in-cluster `kubernetes` Service's endpoints.
+            "--endpoint-reconciler-type=none",
             f"--secure-port={self.apiserver_port}",
             f"--etcd-servers=https://127.0.0.1:{etcd_port}",
             f"--etcd-cafile={ca.cert_path}",
