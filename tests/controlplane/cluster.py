@@ -195,7 +195,7 @@ class ControlPlane:
 
     def api_get(self, path: str) -> tuple[int, bytes]:
         """GET ``path`` from kube-apiserver as the harness identity."""
-        return _https_get(self.server + path, self.ca_cert, self._harness)
+        return https_get(self.server + path, self.ca_cert, self._harness)
 
     def __enter__(self) -> Self:
         self.start()
@@ -275,7 +275,7 @@ class ControlPlane:
         """Serving /healthz, then holding its leader lease (named like the component)."""
         healthz = f"https://127.0.0.1:{port}/healthz"
         self._await(
-            component, lambda: _https_get(healthz, ca, None)[0] == 200, f"{component.name} /healthz"
+            component, lambda: https_get(healthz, ca, None)[0] == 200, f"{component.name} /healthz"
         )
         self._await(
             component, lambda: self._lease_held(component.name), f"{component.name} leader lease"
@@ -431,11 +431,11 @@ class ControlPlane:
 
 
 def _etcd_healthy(port: int, ca: Path, client: KeyPair) -> bool:
-    status, body = _https_get(f"https://127.0.0.1:{port}/health", ca, client)
+    status, body = https_get(f"https://127.0.0.1:{port}/health", ca, client)
     return status == 200 and json.loads(body).get("health") == "true"
 
 
-def _https_get(url: str, ca: Path, client: KeyPair | None) -> tuple[int, bytes]:
+def https_get(url: str, ca: Path, client: KeyPair | None) -> tuple[int, bytes]:
     """GET over TLS verified against ``ca``; (status, body), or (0, b"") when not answering."""
     context = ssl.create_default_context(cafile=str(ca))
     if client is not None:

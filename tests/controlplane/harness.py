@@ -32,7 +32,7 @@ def policy_under_test() -> Path:
     return REPO_POLICY if REPO_POLICY.is_file() else STAND_IN_POLICY
 
 
-def testing_stand_in() -> bool:
+def stand_in_under_test() -> bool:
     """True while the repository has no audit_policy.yaml and Defender's original is tested."""
     return policy_under_test() == STAND_IN_POLICY
 

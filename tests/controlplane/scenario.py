@@ -29,6 +29,7 @@ from controlplane.cluster import (
     NODE_USER,
     ControlPlane,
     ControlPlaneError,
+    https_get,
     wait_until,
 )
 
@@ -51,7 +52,10 @@ def level_rank(level: str) -> int:
 
 @dataclass(frozen=True)
 class Expectation:
-    """One audit event a step must leave, and the level range a Defender policy promises."""
+    """One audit event a step must leave, and the level range a Defender policy promises.
+
+    ``user`` is the authenticated user name; "" for a request whose authentication failed.
+    """
 
     need: str
     user: str
@@ -67,7 +71,7 @@ class Expectation:
     max_level: str = "RequestResponse"
 
     def matches(self, event: Event) -> bool:
-        if event.get("user", {}).get("username") != self.user:
+        if event.get("user", {}).get("username", "") != self.user:
             return False
         if event.get("verb") not in self.verbs:
             return False
@@ -107,7 +111,9 @@ class Step:
     """One kubectl invocation as one identity.
 
     ``succeeds`` is False when the API must refuse it, None when either outcome is fine (a
-    watch that kubectl ends at its request timeout).
+    watch that kubectl ends at its request timeout). A step with ``raw_get`` sends that one GET
+    without any credentials instead of running kubectl (kubectl asks for a user name when a
+    kubeconfig has none): what an anonymous scanner does.
     """
 
     name: str
@@ -115,6 +121,7 @@ class Step:
     args: tuple[str, ...]
     manifest: Mapping[str, Any] | None = None
     succeeds: bool | None = True
+    raw_get: str | None = None
     expectations: tuple[Expectation, ...] = ()
 
 
@@ -399,12 +406,28 @@ def build_steps(secret_value: str) -> list[Step]:
         Step(
             "anonymous request",
             ANONYMOUS,
-            ("get", "--raw", "/api/v1/namespaces/kube-system/secrets"),
+            (),
+            raw_get="/api/v1/namespaces/kube-system/secrets",
             succeeds=False,
             expectations=(
                 Expectation(
                     "anonymous request",
                     ANONYMOUS_USERNAME,
+                    ("list",),
+                    "secrets",
+                    namespace="kube-system",
+                ),
+            ),
+        ),
+        Step(
+            "request with an invalid token",
+            ANONYMOUS,
+            ("get", "--raw", "/api/v1/namespaces/kube-system/secrets", "--token=not-a-valid-token"),
+            succeeds=False,
+            expectations=(
+                Expectation(
+                    "failed authentication",
+                    "",
                     ("list",),
                     "secrets",
                     namespace="kube-system",
@@ -515,7 +538,7 @@ def noise_steps() -> list[Step]:
         "apiVersion": "v1",
         "kind": "Event",
         "metadata": {"name": "scenario-noise.1", "namespace": NAMESPACE},
-        "involvedObject": {"kind": "Namespace", "name": NAMESPACE},
+        "involvedObject": {"kind": "Pod", "name": "host-mount", "namespace": NAMESPACE},
         "reason": "Scenario",
         "message": "background noise",
         "type": "Normal",
@@ -605,8 +628,15 @@ class Kubectl:
 
 
 def _run_step(kubectl: Kubectl, step: Step) -> StepResult:
-    stdin = json.dumps(step.manifest) if step.manifest is not None else None
-    done = kubectl.run(step.identity, step.args, stdin)
+    if step.raw_get is not None:
+        plane = kubectl.plane
+        status, body = https_get(plane.server + step.raw_get, plane.ca_cert, None)
+        done = subprocess.CompletedProcess(
+            [step.raw_get], 0 if status == 200 else 1, body.decode(errors="replace"), str(status)
+        )
+    else:
+        stdin = json.dumps(step.manifest) if step.manifest is not None else None
+        done = kubectl.run(step.identity, step.args, stdin)
     result = StepResult(step, done.returncode, done.stdout, done.stderr)
     if step.succeeds is not None and (done.returncode == 0) != step.succeeds:
         outcome = "failed" if step.succeeds else "succeeded but the API should have refused it"

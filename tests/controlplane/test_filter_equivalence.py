@@ -26,15 +26,20 @@ pytestmark = [pytest.mark.controlplane, pytest.mark.slow, pytest.mark.timeout(90
 
 # The scenario's own identities: their requests are the same in every run. The controllers'
 # requests depend on timing (lease renewals, resyncs), so they are compared where both runs have
-# them, see test_filter_agrees_with_kube_apiserver_on_system_traffic.
+# them, see test_filter_agrees_with_kube_apiserver_on_system_traffic. "" is the scenario's
+# request whose authentication failed (no user).
 SCENARIO_USERS = frozenset(
-    {ADMIN_USER, DEVELOPER_USER, ANONYMOUS_USERNAME, KUBE_PROXY_USER, NODE_USER}
+    {ADMIN_USER, DEVELOPER_USER, ANONYMOUS_USERNAME, KUBE_PROXY_USER, NODE_USER, ""}
 )
 # Query parameters that differ between runs of the same request.
 _VOLATILE_QUERY = frozenset({"resourceVersion", "timeoutSeconds"})
 
 Key = tuple[str | None, str | None, str, str, str, int | None]
 Shape = tuple[str, frozenset[str], frozenset[str], bool, bool]
+
+
+def _username(event: Mapping[str, Any]) -> str:
+    return str(event.get("user", {}).get("username", ""))
 
 
 def policy_filter(policy: Path) -> EventFilter:
@@ -113,11 +118,9 @@ def test_filter_keeps_what_kube_apiserver_writes_for_the_scenario(
     filtered = by_request(
         e
         for e in filtered_verbose_log(verbose_scenario_log, policy)
-        if e.get("user", {}).get("username") in SCENARIO_USERS
+        if _username(e) in SCENARIO_USERS
     )
-    written = by_request(
-        e for e in policy_scenario_log.events if e.get("user", {}).get("username") in SCENARIO_USERS
-    )
+    written = by_request(e for e in policy_scenario_log.events if _username(e) in SCENARIO_USERS)
     assert [] != list(written), "the policy run wrote nothing for the scenario's users"
     assert written == filtered, _difference(written, filtered)
 
@@ -129,19 +132,15 @@ def test_filter_agrees_with_kube_apiserver_on_system_traffic(
     exactly when, and exactly as, kube-apiserver with the policy wrote them."""
     policy = policy_scenario_log.policy
     verbose = by_request(
-        e
-        for e in verbose_scenario_log.events
-        if e.get("user", {}).get("username") not in SCENARIO_USERS
+        e for e in verbose_scenario_log.events if _username(e) not in SCENARIO_USERS
     )
     filtered = by_request(
         e
         for e in filtered_verbose_log(verbose_scenario_log, policy)
-        if e.get("user", {}).get("username") not in SCENARIO_USERS
+        if _username(e) not in SCENARIO_USERS
     )
     written = by_request(
-        e
-        for e in policy_scenario_log.events
-        if e.get("user", {}).get("username") not in SCENARIO_USERS
+        e for e in policy_scenario_log.events if _username(e) not in SCENARIO_USERS
     )
     common = set(written) & set(verbose)
     assert len(common) > 20, "too few system requests in common to compare"
