@@ -574,16 +574,24 @@ def _is_event_write(event: Event) -> bool:
     )
 
 
-def _is_lease_traffic(event: Event) -> bool:
+def _is_lease_renewal(event: Event) -> bool:
+    """The recurring lease traffic: heartbeats and leader-election renewals every few seconds.
+
+    A lease's creation (once per component start) is not counted: it costs nothing.
+    """
     ref = event.get("objectRef", {})
-    return bool(ref.get("resource") == "leases" and ref.get("apiGroup") == "coordination.k8s.io")
+    return bool(
+        ref.get("resource") == "leases"
+        and ref.get("apiGroup") == "coordination.k8s.io"
+        and event.get("verb") in ("get", "list", "watch", "update", "patch")
+    )
 
 
 NOISE = (
     Noise("event writes", _is_event_write),
     Noise("health endpoints", lambda e: _path(e) in ("/healthz", "/livez", "/readyz")),
     Noise("version endpoint", lambda e: _path(e) == "/version"),
-    Noise("leader-election leases", _is_lease_traffic),
+    Noise("lease renewals", _is_lease_renewal),
     Noise(
         "kube-proxy watches",
         lambda e: e.get("user", {}).get("username") == KUBE_PROXY_USER and e.get("verb") == "watch",

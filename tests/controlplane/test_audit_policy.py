@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.controlplane, pytest.mark.slow, pytest.mark.timeout(90
 STAND_IN_GAPS = {
     "kube-system DNS change": "Defender's policy records the coredns ConfigMap only at Metadata",
     "service-account token": "Defender's policy records issued tokens in response bodies",
-    "leader-election leases": "Defender's policy keeps lease traffic",
+    "lease renewals": "Defender's policy keeps lease traffic",
     "event writes": "Defender's policy drops core events but keeps events.k8s.io ones",
     "health endpoints": "Defender's policy drops /healthz* but keeps /livez and /readyz",
 }
