@@ -2,8 +2,8 @@
 
 kube-apiserver, kube-controller-manager, kube-scheduler and kubectl come from the pinned
 k8s.io/kubernetes release in ``go.mod``; ``etcd`` is our own small program around the embed
-package of go.etcd.io/etcd/server/v3. Run ``python3 tests/controlplane/build.py``; a second run
-with unchanged inputs does nothing. The cache directory name carries the Kubernetes version and a
+package of go.etcd.io/etcd/server/v3, ``loadgen`` our request generator for benchmark corpora.
+Run ``python3 tests/controlplane/build.py``; a second run with unchanged inputs does nothing. The cache directory name carries the Kubernetes version and a
 hash of everything that goes into the build (go.mod, go.sum, our Go sources, the flags, the Go
 toolchain), so a change to any of them builds into a fresh directory.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 MODULE_DIR = Path(__file__).resolve().parent
 CACHE_ROOT = Path(os.environ.get("AUDITRELAY_CONTROLPLANE_CACHE", MODULE_DIR / ".cache"))
 KUBERNETES_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
-OUR_COMMANDS = ("etcd",)
+OUR_COMMANDS = ("etcd", "loadgen")
 ALL_COMMANDS = KUBERNETES_COMMANDS + OUR_COMMANDS
 _VERSION_PACKAGES = ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version")
 _STAMP = "build.json"
@@ -64,6 +64,10 @@ class Binaries:
     @property
     def etcd(self) -> Path:
         return self.path("etcd")
+
+    @property
+    def loadgen(self) -> Path:
+        return self.path("loadgen")
 
 
 def kubernetes_version() -> str:
