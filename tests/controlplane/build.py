@@ -179,8 +179,16 @@ def build(jobs: int) -> Binaries:
         staging.rename(directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    _remove_stale_builds(keep=directory)
     print(f"control plane built in {seconds}s: {directory}", flush=True)
     return Binaries(directory)
+
+
+def _remove_stale_builds(keep: Path) -> None:
+    """Builds from earlier inputs are never used again; each holds about 400 MB."""
+    for stale in CACHE_ROOT.glob("kubernetes-*"):
+        if stale != keep and (stale / _STAMP).is_file():
+            shutil.rmtree(stale)
 
 
 def main(argv: list[str] | None = None) -> int:
