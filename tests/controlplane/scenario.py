@@ -260,11 +260,11 @@ def build_steps(secret_value: str) -> list[Step]:
         "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["*"]}],
     }
 
-    def service(name: str, kind: str) -> dict[str, Any]:
+    def service(name: str, kind: str, namespace: str = NAMESPACE) -> dict[str, Any]:
         return {
             "apiVersion": "v1",
             "kind": "Service",
-            "metadata": {"name": name, "namespace": NAMESPACE},
+            "metadata": {"name": name, "namespace": namespace},
             "spec": {"type": kind, "selector": {"app": name}, "ports": [{"port": 80}]},
         }
 
@@ -482,6 +482,11 @@ def build_steps(secret_value: str) -> list[Step]:
         ),
         _create("exposed service", service("web-nodeport", "NodePort"), resource="services"),
         _create("exposed service", service("web-lb", "LoadBalancer"), resource="services"),
+        _create(
+            "exposed dashboard",
+            service("kubernetes-dashboard", "LoadBalancer", "kube-system"),
+            resource="services",
+        ),
         _create(
             "kube-system change",
             coredns,
