@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import signal
 import socket
 import ssl
@@ -38,6 +39,10 @@ DEVELOPER_USER = "dev-alice"  # an authenticated user with no RBAC grants
 KUBE_PROXY_USER = "system:kube-proxy"  # kube-proxy's identity, for its read-only watches
 NODE_USER = "system:node:node-1"  # a kubelet's identity, for its node reads
 ANONYMOUS = "anonymous"
+
+
+_PORT_TAKEN = "address already in use"
+_START_ATTEMPTS = 3
 
 
 class ControlPlaneError(Exception):
@@ -212,11 +217,26 @@ class ControlPlane:
     # -- life cycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
+        """Start and await every component; a port taken between choosing and binding it
+        (another process on the machine was quicker) costs a fresh start on new ports."""
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            try:
+                self._start()
+            except ControlPlaneError as error:
+                self.stop()
+                if _PORT_TAKEN not in str(error) or attempt == _START_ATTEMPTS:
+                    raise
+                self._discard_state()
+            except BaseException:
+                self.stop()
+                raise
+            else:
+                return
+
+    def _discard_state(self) -> None:
+        for directory in ("etcd", "audit", "pki", "kubeconfig"):
+            shutil.rmtree(self.workdir / directory, ignore_errors=True)
+        self._kubeconfigs.clear()
 
     def stop(self) -> None:
         """Stop the components newest first; remembers any that needed SIGKILL."""

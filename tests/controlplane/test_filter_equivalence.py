@@ -44,7 +44,10 @@ def _username(event: Mapping[str, Any]) -> str:
 
 def policy_filter(policy: Path) -> EventFilter:
     """The sidecar's filter stage for ``policy`` (auditrelay.filter, the policy branch's work)."""
-    module = importlib.import_module("auditrelay.filter")
+    try:
+        module = importlib.import_module("auditrelay.filter")
+    except ModuleNotFoundError as error:
+        pytest.fail(f"the sidecar's filter stage is missing: {error}", pytrace=False)
     return cast(EventFilter, module.PolicyFilter.from_file(policy))
 
 
