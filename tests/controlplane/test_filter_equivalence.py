@@ -47,8 +47,10 @@ def policy_filter(policy: Path) -> EventFilter:
     try:
         module = importlib.import_module("auditrelay.filter")
     except ModuleNotFoundError as error:
-        pytest.fail(f"the sidecar's filter stage is missing: {error}", pytrace=False)
-    return cast(EventFilter, module.PolicyFilter.from_file(policy))
+        missing = str(error)
+    else:
+        return cast(EventFilter, module.PolicyFilter.from_file(policy))
+    pytest.fail(f"the sidecar's filter stage is missing: {missing}", pytrace=False)
 
 
 def request_key(event: Mapping[str, Any]) -> Key:
