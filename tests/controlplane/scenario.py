@@ -5,9 +5,7 @@ Each ``Step`` runs one kubectl command as one identity and names the audit event
 made the way a cluster makes it: the controllers and scheduler run anyway (leases, watches,
 events); the scenario adds discovery, health and version probes, kube-proxy's and a kubelet's
 read-only calls, and events. ``Noise`` entries describe what a Defender policy should drop.
-
-Run it alone against a running control plane with ``python3 -m controlplane.scenario`` from
-``tests/`` (see ``docs/controlplane.md``).
+``run(plane, kubectl)`` drives it against a started ``cluster.ControlPlane``.
 """
 
 from __future__ import annotations
