@@ -35,15 +35,25 @@ lint: ## Lint and type-check everything (ruff, mypy --strict, import-linter, go 
 	$(PYTHON) -m mypy
 	lint-imports
 	cd fluent-bit && $(GO) vet ./...
+	cd tests/conformance && $(GO) vet ./...
+	cd tests/controlplane && $(GO) vet ./etcd ./loadgen
 	@test -z "$$(gofmt -l fluent-bit tests)" || { gofmt -l fluent-bit tests; echo "gofmt: files above need formatting"; exit 1; }
 
 .PHONY: test
-test: $(PLUGIN) ## Run every test (Go with -race, then pytest)
+test: $(PLUGIN) ## Run every test but the control-plane ones (Go with -race, then pytest)
 	cd fluent-bit && CGO_ENABLED=1 $(GO) test -race ./...
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -m "not controlplane"
+
+.PHONY: controlplane
+controlplane: ## Build the test control plane (kube-apiserver & co. from the pinned release; cached)
+	$(PYTHON) tests/controlplane/build.py
+
+.PHONY: controlplane-test
+controlplane-test: controlplane ## Tests against a real kube-apiserver, controller manager and scheduler
+	$(PYTHON) -m pytest -m controlplane tests/controlplane
 
 .PHONY: check
-check: lint test ## The whole gate: what CI runs
+check: lint test controlplane-test ## The whole gate: what CI runs
 
 .PHONY: demo
 demo: $(PLUGIN) ## Run the main job on the embedded default: emulator + sidecar + plugin, real audit log
