@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import orjson
@@ -100,7 +101,7 @@ def bench_batch(rows: list[bytes]) -> None:
         for level in (1, 6):
             builder = BatchBuilder(level, codec=codec_name(codec))  # isal 6 means ISA-L's best, 3
             bodies = builder.pack(rows)  # warms up the ratio estimate
-            seconds = best_of(3, lambda builder=builder: builder.pack(rows))
+            seconds = best_of(3, partial(builder.pack, rows))
             raw = sum(body.raw_bytes for body in bodies)
             wire = sum(len(body.data) for body in bodies)
             print(
