@@ -103,13 +103,17 @@ def py_spy() -> str | None:
     return shutil.which("py-spy")
 
 
-def record(pid: int, output: Path, rate: int = 250) -> subprocess.Popen[bytes]:
-    """Starts sampling every thread of ``pid`` until it exits (or the recorder is stopped)."""
+def record(
+    pid: int, output: Path, rate: int = 250, cpu: int | None = None
+) -> subprocess.Popen[bytes]:
+    """Starts sampling ``pid`` until it exits (or the recorder is stopped); the sampler runs on
+    ``cpu``, away from the core it measures."""
     executable = py_spy()
     if executable is None:
         raise RuntimeError("py-spy is not installed (pip install py-spy)")
+    pinned = ["taskset", "-c", str(cpu)] if cpu is not None else []
     return subprocess.Popen(
-        [executable, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw",
+        [*pinned, executable, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw",
          "--output", str(output), "--nonblocking", "--gil"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -157,7 +157,7 @@ def run_pipeline(args: argparse.Namespace, result: Result) -> None:
     chunk_file = paths.raw_chunks if args.shape == "raw" else paths.parsed_chunks
     expected = None
     with work_dir(args.work) as work, emulator_process(args, work, full=args.check) as emu:
-        with profiling(args.profile, work, result):
+        with profiling(args.profile, work, result, args.emulator_cpu):
             run = asyncio.run(
                 pipeline.run_corpus(corpus.read_chunks(chunk_file), emu, work / "sidecar")
             )
@@ -470,8 +470,10 @@ SUITE: tuple[tuple[str, list[str]], ...] = (
     ("corpus-backlog", []),
     ("stages", []),
     ("cost", []),
-    ("pipeline", ["--shape", "raw", "--check", "--sdk", "--profile"]),
-    ("pipeline", ["--shape", "raw"]),
+    ("pipeline", ["--shape", "raw", "--sdk"]),
+    ("pipeline", ["--shape", "parsed"]),
+    ("pipeline", ["--shape", "raw", "--check"]),
+    ("pipeline", ["--shape", "raw", "--profile"]),
     ("pipeline", ["--shape", "parsed", "--profile"]),
     ("latency", ["--shape", "raw", "--pace", "5000"]),
     ("e2e", ["--shape", "raw"]),
@@ -517,14 +519,14 @@ def emulator_process(args: argparse.Namespace, work: Path, full: bool) -> Iterat
 
 
 @contextlib.contextmanager
-def profiling(enabled: bool, work: Path, result: Result) -> Iterator[None]:
+def profiling(enabled: bool, work: Path, result: Result, cpu: int | None = None) -> Iterator[None]:
     if not enabled:
         yield
         return
     from bench import profile
 
     output = work / "py-spy.txt"
-    recorder = profile.record(os.getpid(), output)
+    recorder = profile.record(os.getpid(), output, cpu=cpu)
     try:
         yield
     finally:
