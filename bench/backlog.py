@@ -82,15 +82,16 @@ async def run_backlog(
     work: Path,
     emulator_cpu: int | None,
     spool_limit: str = "8G",
+    properties: dict[str, str] | None = None,
     deadline_s: float = 3600.0,
 ) -> BacklogRun:
     """Spools every chunk with no endpoint listening, then starts the emulator and drains."""
     port = free_port()
     state = work / "emulator"
     with emulator(state, cpu=emulator_cpu, port=port) as emu:  # creates its CA, then stops
-        properties = emu.pipeline_properties(spool_limit=spool_limit)
+        pipeline_properties = emu.pipeline_properties(spool_limit=spool_limit, **(properties or {}))
     result = BacklogRun()
-    sidecar = Sidecar(work / "sidecar", properties)
+    sidecar = Sidecar(work / "sidecar", pipeline_properties)
     with RssSampler().running() as sampler:
         await sidecar.start()
         result.baseline_rss = sampler.mark()

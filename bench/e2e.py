@@ -58,6 +58,7 @@ def run(
     work: Path,
     expected_rows: int,
     sidecar_cpu: int | None,
+    properties: dict[str, str] | None = None,
     deadline_s: float = 900.0,
 ) -> EndToEndRun:
     """Starts the sidecar, flushes every chunk through the plugin, waits for every row."""
@@ -86,7 +87,7 @@ def run(
                 "sidecar_address": sidecar.address,
                 "sidecar_wait": "30s",
                 "sidecar_timeout": "30s",
-                **emulator.pipeline_properties(),
+                **emulator.pipeline_properties(**(properties or {})),
             }
         )
         cpu_before = process_cpu_seconds(pid)

@@ -37,6 +37,13 @@ def command(
     return register
 
 
+def property_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
 def cpu_or_none(text: str) -> int | None:
     """A CPU number, or None for 'any'."""
     return None if text == "any" else int(text)
@@ -147,6 +154,10 @@ def pipeline_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sdk", action="store_true", help="also run the SDK upload() baseline")
     parser.add_argument("--profile", action="store_true", help="sample every thread with py-spy")
     parser.add_argument("--work", type=Path, default=None, help="state folder (default: temp)")
+    parser.add_argument(
+        "--property", action="append", default=[], type=property_pair, metavar="KEY=VALUE",
+        help="an [OUTPUT] property of the pipeline (repeatable), e.g. max_concurrency=1",
+    )  # fmt: skip
 
 
 @command("pipeline", "sidecar decode+filter+spool+batch+gzip+deliver on one core", pipeline_options)
@@ -159,7 +170,12 @@ def run_pipeline(args: argparse.Namespace, result: Result) -> None:
     with work_dir(args.work) as work, emulator_process(args, work, full=args.check) as emu:
         with profiling(args.profile, work, result, args.emulator_cpu):
             run = asyncio.run(
-                pipeline.run_corpus(corpus.read_chunks(chunk_file), emu, work / "sidecar")
+                pipeline.run_corpus(
+                    corpus.read_chunks(chunk_file),
+                    emu,
+                    work / "sidecar",
+                    properties=dict(args.property),
+                )
             )
         stored = emu.count()
         result.details["run"] = pipeline.summary(run)
@@ -296,7 +312,11 @@ def run_latency(args: argparse.Namespace, result: Result) -> None:
     with work_dir(args.work) as work, emulator_process(args, work, full=False) as emu:
         run = asyncio.run(
             pipeline.run_corpus(
-                corpus.read_chunks(chunk_file), emu, work / "sidecar", pace=args.pace
+                corpus.read_chunks(chunk_file),
+                emu,
+                work / "sidecar",
+                pace=args.pace,
+                properties=dict(args.property),
             )
         )
         received = latency.received_times(emu)
@@ -333,7 +353,11 @@ def run_backlog(args: argparse.Namespace, result: Result) -> None:
     with work_dir(args.work) as work:
         run = asyncio.run(
             backlog.run_backlog(
-                corpus.read_chunks(chunk_file), work, args.emulator_cpu, args.spool_limit
+                corpus.read_chunks(chunk_file),
+                work,
+                args.emulator_cpu,
+                args.spool_limit,
+                dict(args.property),
             )
         )
     result.details["run"] = dataclasses.asdict(run)
@@ -429,7 +453,12 @@ def run_e2e(args: argparse.Namespace, result: Result) -> None:
         emulator_process(args, Path(short), full=False) as emu,
     ):
         run = e2e.run(
-            corpus.read_chunks(chunk_file), emu, Path(short), len(expected.rows), args.sidecar_cpu
+            corpus.read_chunks(chunk_file),
+            emu,
+            Path(short),
+            len(expected.rows),
+            args.sidecar_cpu,
+            dict(args.property),
         )
     result.details["run"] = {
         k: v for k, v in dataclasses.asdict(run).items() if k != "flush_seconds"
