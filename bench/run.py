@@ -528,6 +528,21 @@ def run_all(args: argparse.Namespace, result: Result) -> None:
         result.add(f"{name} {' '.join(extra)}".strip(), completed.returncode, "exit code")
 
 
+def report_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--from", dest="source", type=Path, default=RESULTS_DIR, help="folder of saved results"
+    )
+
+
+@command("report", "the goals table (markdown) from the latest saved results", report_options)
+def run_report(args: argparse.Namespace, result: Result) -> None:
+    from bench import report
+
+    text = report.table(args.source)
+    result.details["table"] = text
+    print(text)
+
+
 @contextlib.contextmanager
 def work_dir(path: Path | None) -> Iterator[Path]:
     if path is not None:

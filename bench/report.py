@@ -1,0 +1,118 @@
+"""The goals table of BENCHMARKS.md from the latest saved results."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from bench.results import RESULTS_DIR
+
+
+def latest(directory: Path, benchmark: str, *words: str) -> dict[str, Any] | None:
+    """The newest result of ``benchmark`` whose command has every one of ``words``."""
+    found = None
+    for path in sorted(directory.glob(f"{benchmark}-*.json")):
+        result = json.loads(path.read_text())
+        command = result["command"].split()
+        if all(word in command for word in words) and not _excluded(command, words):
+            found = result
+    return found
+
+
+def _excluded(command: list[str], words: Iterable[str]) -> bool:
+    """A plain run must not be one with checking or profiling on."""
+    extras = {"--check", "--profile", "--sdk", "--property"} - set(words)
+    return bool(extras & set(command))
+
+
+def figure(result: dict[str, Any] | None, name: str) -> float | None:
+    if result is None:
+        return None
+    for item in result["figures"]:
+        if item["name"] == name:
+            return float(item["value"])
+    return None
+
+
+def shown(value: float | None, unit: str, digits: int = 0) -> str:
+    if value is None:
+        return "not measured"
+    return f"{value:,.{digits}f} {unit}".strip()
+
+
+def table(directory: Path = RESULTS_DIR) -> str:
+    """Markdown: goal, measured, verdict, command."""
+    throughput = latest(directory, "pipeline", "raw", "--sdk")
+    parsed = latest(directory, "pipeline", "parsed")
+    check = latest(directory, "pipeline", "raw", "--check")
+    latency = latest(directory, "latency", "raw")
+    backlog = latest(directory, "backlog", "raw")
+    e2e = latest(directory, "e2e", "raw")
+    events_s = figure(throughput, "sidecar throughput (input events)")
+    per_cpu = figure(throughput, "sidecar throughput per CPU second")
+    mb_s = figure(throughput, "sidecar input rate")
+    ratio = figure(throughput, "sidecar / SDK (delivered rows per second)")
+    p99 = figure(latency, "Push -> receipt p99")
+    rss_down = figure(backlog, "peak RSS while spooling the backlog")
+    rss_drain = figure(backlog, "peak RSS while draining")
+    rss_e2e = figure(e2e, "sidecar peak RSS (VmHWM)")
+    lost = figure(check, "kept events lost")
+    altered = figure(check, "kept events altered")
+    rows = [
+        (
+            "≥ 100,000 events/s on one core (decode, filter, spool, batch, gzip, deliver)",
+            f"{shown(events_s, 'events/s')} ({shown(mb_s, 'MB/s', 1)} of chunks; "
+            f"{shown(per_cpu, 'events per CPU-s')}); json-parsed chunks: "
+            f"{shown(figure(parsed, 'sidecar throughput (input events)'), 'events/s')}",
+            _verdict(events_s is not None and events_s >= 100_000),
+            throughput,
+        ),
+        (
+            "peak RSS ≤ 150 MB whatever the backlog",
+            f"1M-event backlog: {shown(rss_down, 'MiB')} while spooling, "
+            f"{shown(rss_drain, 'MiB')} while draining; serve process end to end: "
+            f"{shown(rss_e2e, 'MiB')}",
+            _verdict(all(v is not None and v <= 150 for v in (rss_down, rss_drain, rss_e2e))),
+            backlog,
+        ),
+        (
+            "p99 Push → delivered ≤ 2 s at 5,000 events/s",
+            f"p50 {shown(figure(latency, 'Push -> receipt p50'), 's', 2)}, "
+            f"p99 {shown(p99, 's', 2)}",
+            _verdict(p99 is not None and p99 <= 2),
+            latency,
+        ),
+        (
+            "≥ 5x the SDK's `upload()` on the same rows, same run",
+            f"{shown(ratio, 'x', 2)} (SDK: "
+            f"{shown(figure(throughput, 'SDK upload() of the same kept rows'), 'rows/s')})",
+            _verdict(ratio is not None and ratio >= 5),
+            throughput,
+        ),
+        (
+            "no kept event lost or altered",
+            f"{shown(lost, 'lost')}, {shown(altered, 'altered')} of "
+            f"{shown(figure(check, 'events in / kept / delivered'), 'events')} in",
+            _verdict(lost == 0 and altered == 0),
+            check,
+        ),
+    ]
+    lines = ["| goal | measured | met | command |", "| --- | --- | --- | --- |"]
+    for goal, measured, verdict, result in rows:
+        command = f"`{_short(result['command'])}`" if result else ""
+        lines.append(f"| {goal} | {measured} | {verdict} | {command} |")
+    return "\n".join(lines)
+
+
+def _verdict(met: bool) -> str:
+    return "yes" if met else "**no**"
+
+
+def _short(command: str) -> str:
+    words = command.split()
+    if "--results" in words:
+        at = words.index("--results")
+        del words[at : at + 2]
+    return " ".join(words)
