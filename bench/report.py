@@ -118,3 +118,56 @@ def _short(command: str) -> str:
         at = words.index("--results")
         del words[at : at + 2]
     return " ".join(words)
+
+
+def _figures_table(result: dict[str, Any] | None, names: Iterable[str] | None = None) -> str:
+    """A result's figures (all, or the named ones) as a markdown table, with its command."""
+    if result is None:
+        return "_not measured_"
+    wanted = list(names) if names is not None else None
+    lines = ["| figure | value |", "| --- | --- |"]
+    for item in result["figures"]:
+        if wanted is not None and item["name"] not in wanted:
+            continue
+        value = item["value"]
+        text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.3g}"
+        note = f" ({item['note']})" if item.get("note") else ""
+        lines.append(f"| {item['name']} | {text} {item['unit']}{note} |")
+    machine = result.get("machine", {})
+    lines.append("")
+    lines.append(
+        f"`{_short(result['command'])}` — {result.get('started', '')}, load average before "
+        f"{machine.get('loadavg_before', '?')}, after {machine.get('loadavg_after', '?')}"
+    )
+    return "\n".join(lines)
+
+
+def _profile_table(result: dict[str, Any] | None) -> str:
+    if result is None or "profile" not in result.get("details", {}):
+        return "_not measured_"
+    profile = result["details"]["profile"]
+    lines = ["| stage (inclusive) | share of samples |", "| --- | --- |"]
+    lines += [f"| {name} | {share * 100:.1f} % |" for name, share in profile["stages"]]
+    lines += ["", "| function (self) | share of samples |", "| --- | --- |"]
+    lines += [f"| `{name}` | {share * 100:.1f} % |" for name, share in profile["functions"][:12]]
+    lines += ["", f"`{_short(result['command'])}` — {profile['samples']} samples"]
+    return "\n".join(lines)
+
+
+def sections(directory: Path = RESULTS_DIR) -> dict[str, str]:
+    """The measured parts of BENCHMARKS.md, by placeholder."""
+    plain = latest(directory, "pipeline", "raw", "--sdk")
+    return {
+        "TABLE": table(directory),
+        "STAGES": _figures_table(latest(directory, "stages")),
+        "PROFILE_RAW": _profile_table(latest(directory, "pipeline", "raw", "--profile")),
+        "PROFILE_PARSED": _profile_table(latest(directory, "pipeline", "parsed", "--profile")),
+        "THROUGHPUT": _figures_table(plain),
+        "PARSED": _figures_table(latest(directory, "pipeline", "parsed")),
+        "CHECK": _figures_table(latest(directory, "pipeline", "raw", "--check")),
+        "LATENCY": _figures_table(latest(directory, "latency", "raw")),
+        "BACKLOG": _figures_table(latest(directory, "backlog", "raw")),
+        "COST": _figures_table(latest(directory, "cost")),
+        "E2E_RAW": _figures_table(latest(directory, "e2e", "raw")),
+        "E2E_PARSED": _figures_table(latest(directory, "e2e", "parsed")),
+    }

@@ -540,6 +540,10 @@ def report_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--from", dest="source", type=Path, default=RESULTS_DIR, help="folder of saved results"
     )
+    parser.add_argument(
+        "--sections", action="store_true",
+        help="print every measured section of BENCHMARKS.md, not just the goals table",
+    )  # fmt: skip
 
 
 @command("report", "the goals table (markdown) from the latest saved results", report_options)
@@ -548,7 +552,11 @@ def run_report(args: argparse.Namespace, result: Result) -> None:
 
     text = report.table(args.source)
     result.details["table"] = text
-    print(text)
+    if args.sections:
+        for name, section in report.sections(args.source).items():
+            print(f"<!-- {name} -->\n{section}\n")
+    else:
+        print(text)
 
 
 @contextlib.contextmanager
