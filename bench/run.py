@@ -458,16 +458,14 @@ def run_e2e(args: argparse.Namespace, result: Result) -> None:
     # A short folder: a Unix socket path must stay under 108 bytes.
     with (
         tempfile.TemporaryDirectory(prefix="ar-bench-") as short,
-        emulator_process(args, Path(short), full=False) as emu,
+        emulator_process(args, Path(short), full=args.check) as emu,
     ):
         run = e2e.run(
-            corpus.read_chunks(chunk_file),
-            emu,
-            Path(short),
-            len(expected.rows),
-            args.sidecar_cpu,
+            corpus.read_chunks(chunk_file), emu, Path(short), len(expected.rows), args.sidecar_cpu,
             dict(args.property),
-        )
+        )  # fmt: skip
+        if args.check:
+            report_check(result, expected, emu)
     result.details["run"] = {
         k: v for k, v in dataclasses.asdict(run).items() if k != "flush_seconds"
     }

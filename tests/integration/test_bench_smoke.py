@@ -227,10 +227,13 @@ def test_cost_compares_the_policy_with_every_event(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_end_to_end_through_the_plugin_stores_every_kept_row(tmp_path: Path) -> None:
-    """Chunks flushed through out_auditrelay.so reach the emulator: every kept row, once."""
+    """Chunks flushed through out_auditrelay.so reach the emulator: every kept row, unaltered."""
     result = run_bench(
-        "e2e", *TINY, "--sidecar-cpu", "any", "--corpora", str(tmp_path), results=tmp_path / "r"
-    )
+        "e2e", *TINY, "--sidecar-cpu", "any", "--check", "--corpora", str(tmp_path),
+        results=tmp_path / "r",
+    )  # fmt: skip
     details = result["details"]
     assert isinstance(details, dict)
     assert details["run"]["expected_rows"] == details["run"]["stored_rows"]
+    assert 0 == figures(result)["kept events lost"]
+    assert 0 == figures(result)["kept events altered"]
