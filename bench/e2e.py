@@ -9,14 +9,17 @@ the emulator holds every row the policy keeps.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from bench.emulator import REPO, RunningEmulator, free_port
+from bench.emulator import emulator as emulator_at
 from bench.results import Stopwatch, process_cpu_seconds
 
 TAG = "kube.audit"
@@ -52,6 +55,69 @@ def pin_all_threads(pid: int, cpu: int) -> None:
     )
 
 
+@contextlib.contextmanager
+def plugin_and_sidecar(
+    work: Path, sidecar_cpu: int | None, properties: dict[str, str]
+) -> Iterator[tuple[Any, Any, int]]:
+    """``auditrelay serve`` started and pinned, the plugin loaded and one [OUTPUT] instance
+    initialised against it; yields (proxy, instance, sidecar pid)."""
+    tests = str(REPO / "tests")  # the harness is imported as the tests import it
+    if tests not in sys.path:
+        sys.path.append(tests)
+    from harness.flb_proxy import FLUENT_BIT_4_2_8, GoProxy, build_plugin
+    from harness.sidecar import Sidecar
+
+    sidecar = Sidecar.on_socket(
+        work / "relay.sock",
+        work / "sidecar",
+        ["--metrics-address", f"127.0.0.1:{free_port()}", "--log-level", "info"],
+    )
+    sidecar.start()
+    try:
+        assert sidecar.process is not None
+        pid = sidecar.process.pid
+        if sidecar_cpu is not None:
+            pin_all_threads(pid, sidecar_cpu)
+        proxy = GoProxy(build_plugin(), FLUENT_BIT_4_2_8)
+        proxy.register()
+        try:
+            instance = proxy.init(
+                {
+                    "sidecar_address": sidecar.address,
+                    "sidecar_wait": "30s",
+                    "sidecar_timeout": "30s",
+                    **properties,
+                }
+            )
+            yield proxy, instance, pid
+        finally:
+            proxy.shutdown()
+    finally:
+        sidecar.stop()
+
+
+def flush_all(proxy: Any, instance: Any, chunks: Iterable[bytes], result: EndToEndRun) -> None:
+    """Flushes each chunk until FLB_OK, pausing between retries as Fluent Bit's scheduler does."""
+    from harness.flb_proxy import Result
+
+    for chunk in chunks:
+        started = time.perf_counter()
+        while proxy.flush(instance, chunk, TAG) is not Result.OK:
+            result.retries += 1
+            time.sleep(0.05)
+        result.flush_seconds.append(time.perf_counter() - started)
+        result.chunks += 1
+        result.chunk_bytes += len(chunk)
+
+
+def wait_stored(emulator: RunningEmulator, expected_rows: int, deadline_s: float) -> None:
+    deadline = time.monotonic() + deadline_s
+    while emulator.count() < expected_rows:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{emulator.count()} of {expected_rows} rows stored")
+        time.sleep(0.05)
+
+
 def run(
     chunks: Iterable[bytes],
     emulator: RunningEmulator,
@@ -62,55 +128,65 @@ def run(
     deadline_s: float = 900.0,
 ) -> EndToEndRun:
     """Starts the sidecar, flushes every chunk through the plugin, waits for every row."""
-    tests = str(REPO / "tests")  # the harness is imported as the tests import it
-    if tests not in sys.path:
-        sys.path.append(tests)
-    from harness.flb_proxy import FLUENT_BIT_4_2_8, GoProxy, Result, build_plugin
-    from harness.sidecar import Sidecar
-
-    sidecar = Sidecar.on_socket(
-        work / "relay.sock",
-        work / "sidecar",
-        ["--metrics-address", f"127.0.0.1:{free_port()}", "--log-level", "info"],
-    )
-    sidecar.start()
-    assert sidecar.process is not None
-    pid = sidecar.process.pid
-    if sidecar_cpu is not None:
-        pin_all_threads(pid, sidecar_cpu)
-    proxy = GoProxy(build_plugin(), FLUENT_BIT_4_2_8)
-    proxy.register()
     result = EndToEndRun(expected_rows=expected_rows)
-    try:
-        instance = proxy.init(
-            {
-                "sidecar_address": sidecar.address,
-                "sidecar_wait": "30s",
-                "sidecar_timeout": "30s",
-                **emulator.pipeline_properties(**(properties or {})),
-            }
-        )
+    pipeline = emulator.pipeline_properties(**(properties or {}))
+    with plugin_and_sidecar(work, sidecar_cpu, pipeline) as (proxy, instance, pid):
         cpu_before = process_cpu_seconds(pid)
         emulator_before = process_cpu_seconds(emulator.process.pid)
         with result.clock.running():
-            for chunk in chunks:
-                started = time.perf_counter()
-                while proxy.flush(instance, chunk, TAG) is not Result.OK:
-                    result.retries += 1
-                    time.sleep(0.05)
-                result.flush_seconds.append(time.perf_counter() - started)
-                result.chunks += 1
-                result.chunk_bytes += len(chunk)
-            deadline = time.monotonic() + deadline_s
-            while emulator.count() < expected_rows:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{emulator.count()} of {expected_rows} rows stored")
-                time.sleep(0.02)
+            flush_all(proxy, instance, chunks, result)
+            wait_stored(emulator, expected_rows, deadline_s)
         result.sidecar_cpu_s = process_cpu_seconds(pid) - cpu_before
         result.emulator_cpu_s = process_cpu_seconds(emulator.process.pid) - emulator_before
         result.stored_rows = emulator.count()
         result.sidecar_peak_rss = peak_rss(pid)
-    finally:
-        proxy.shutdown()
-        sidecar.stop()
     return result
+
+
+@dataclasses.dataclass
+class OutageRun:
+    """A backlog through the real sidecar: flushed while the endpoint is down, then drained."""
+
+    flushed: EndToEndRun
+    rss_after_start: int = 0
+    peak_rss_down: int = 0
+    peak_rss_drain: int = 0
+    drain_s: float = 0.0
+
+
+def run_outage(
+    chunks: Iterable[bytes],
+    work: Path,
+    expected_rows: int,
+    sidecar_cpu: int | None,
+    emulator_cpu: int | None,
+    properties: dict[str, str] | None = None,
+    deadline_s: float = 1800.0,
+) -> OutageRun:
+    """The endpoint is down while every chunk is flushed (the spool takes the backlog), then
+    comes up; the sidecar's VmHWM is read after each phase."""
+    port = free_port()
+    state = work / "emulator"
+    with emulator_at(state, cpu=emulator_cpu, port=port) as down:  # creates its CA, then stops
+        pipeline = down.pipeline_properties(**{"spool_limit": "8G", **(properties or {})})
+    result = OutageRun(EndToEndRun(expected_rows=expected_rows))
+    with plugin_and_sidecar(work, sidecar_cpu, pipeline) as (proxy, instance, pid):
+        result.rss_after_start = current_rss(pid)
+        with result.flushed.clock.running():
+            flush_all(proxy, instance, chunks, result.flushed)
+        result.peak_rss_down = peak_rss(pid)
+        with emulator_at(state, cpu=emulator_cpu, port=port) as up:
+            started = time.perf_counter()
+            wait_stored(up, expected_rows, deadline_s)
+            result.drain_s = time.perf_counter() - started
+            result.flushed.stored_rows = up.count()
+        result.peak_rss_drain = peak_rss(pid)
+    return result
+
+
+def current_rss(pid: int) -> int:
+    """VmRSS of a process, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0

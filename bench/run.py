@@ -494,6 +494,58 @@ def run_e2e(args: argparse.Namespace, result: Result) -> None:
     result.add("emulator busy", run.emulator_cpu_s / run.clock.wall * 100, "% of its core")
 
 
+def e2e_backlog_options(parser: argparse.ArgumentParser) -> None:
+    e2e_options(parser)
+    parser.set_defaults(events=1_000_000)
+
+
+@command(
+    "e2e-backlog",
+    "peak RSS of auditrelay serve itself: a backlog flushed through the plugin while the "
+    "endpoint is down, then drained",
+    e2e_backlog_options,
+)
+def run_e2e_backlog(args: argparse.Namespace, result: Result) -> None:
+    from bench import e2e
+    from bench.expected import expected_rows
+
+    paths, _ = built_corpus(args)
+    chunk_file = paths.raw_chunks if args.shape == "raw" else paths.parsed_chunks
+    kept = len(expected_rows(corpus.iter_lines(paths.jsonl)).rows)
+    with tempfile.TemporaryDirectory(prefix="ar-bench-") as short:
+        run = e2e.run_outage(
+            corpus.read_chunks(chunk_file), Path(short), kept, args.sidecar_cpu,
+            args.emulator_cpu, dict(args.property),
+        )  # fmt: skip
+    flushed = run.flushed
+    result.details["run"] = {
+        "rss_after_start": run.rss_after_start,
+        "peak_rss_down": run.peak_rss_down,
+        "peak_rss_drain": run.peak_rss_drain,
+        "drain_s": run.drain_s,
+        "chunks": flushed.chunks,
+        "retries": flushed.retries,
+        "expected_rows": kept,
+        "stored_rows": flushed.stored_rows,
+    }
+    mib = 2**20
+    result.add(
+        "events flushed while the endpoint is down",
+        args.events,
+        "events",
+        note=f"{flushed.chunks} chunks, {flushed.retries} FLB_RETRY",
+    )
+    result.add("serve RSS after start", run.rss_after_start / mib, "MiB")
+    result.add(
+        "serve peak RSS (VmHWM) after the outage", run.peak_rss_down / mib, "MiB", goal="<= 150"
+    )
+    result.add(
+        "serve peak RSS (VmHWM) after draining", run.peak_rss_drain / mib, "MiB", goal="<= 150"
+    )
+    result.add("flush rate while down", args.events / flushed.clock.wall, "events/s")
+    result.add("drain time", run.drain_s, "s", note=f"{flushed.stored_rows} of {kept} rows stored")
+
+
 def suite_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--events", type=int, default=100_000, help="corpus for most benchmarks")
     parser.add_argument("--backlog-events", type=int, default=1_000_000, help="backlog corpus")
@@ -514,6 +566,7 @@ SUITE: tuple[tuple[str, list[str]], ...] = (
     ("e2e", ["--shape", "raw"]),
     ("e2e", ["--shape", "parsed"]),
     ("backlog", ["--shape", "raw"]),
+    ("e2e-backlog", ["--shape", "raw"]),
 )
 
 
@@ -523,7 +576,7 @@ def run_all(args: argparse.Namespace, result: Result) -> None:
         if name in args.skip or (name == "corpus-backlog" and "backlog" in args.skip):
             continue
         events = args.backlog_events if name.endswith("backlog") else args.events
-        command_name = name.removesuffix("-backlog")
+        command_name = "corpus" if name == "corpus-backlog" else name
         argv = [sys.executable, "-m", "bench", "--results", str(args.results), command_name,
                 "--events", str(events), *extra]  # fmt: skip
         print("$", " ".join(argv[1:]), flush=True)
