@@ -59,6 +59,9 @@ def table(directory: Path = RESULTS_DIR) -> str:
     rss_down = figure(backlog, "peak RSS while spooling the backlog")
     rss_drain = figure(backlog, "peak RSS while draining")
     rss_e2e = figure(e2e, "sidecar peak RSS (VmHWM)")
+    serve_backlog = latest(directory, "e2e-backlog", "raw")
+    serve_down = figure(serve_backlog, "serve peak RSS (VmHWM) after the outage")
+    serve_drain = figure(serve_backlog, "serve peak RSS (VmHWM) after draining")
     lost = figure(check, "kept events lost")
     altered = figure(check, "kept events altered")
     rows = [
@@ -72,11 +75,17 @@ def table(directory: Path = RESULTS_DIR) -> str:
         ),
         (
             "peak RSS ≤ 150 MB whatever the backlog",
-            f"1M-event backlog: {shown(rss_down, 'MiB')} while spooling, "
-            f"{shown(rss_drain, 'MiB')} while draining; serve process end to end: "
-            f"{shown(rss_e2e, 'MiB')}",
-            _verdict(all(v is not None and v <= 150 for v in (rss_down, rss_drain, rss_e2e))),
-            backlog,
+            f"`auditrelay serve`, 1M-event backlog through the plugin: "
+            f"{shown(serve_down, 'MiB')} after the outage, {shown(serve_drain, 'MiB')} after "
+            f"draining; in-process pipeline: {shown(rss_down, 'MiB')} / "
+            f"{shown(rss_drain, 'MiB')}; serve, 100k events, no backlog: {shown(rss_e2e, 'MiB')}",
+            _verdict(
+                all(
+                    v is not None and v <= 150
+                    for v in (serve_down, serve_drain, rss_down, rss_drain, rss_e2e)
+                )
+            ),
+            serve_backlog or backlog,
         ),
         (
             "p99 Push → delivered ≤ 2 s at 5,000 events/s",
@@ -167,6 +176,7 @@ def sections(directory: Path = RESULTS_DIR) -> dict[str, str]:
         "CHECK": _figures_table(latest(directory, "pipeline", "raw", "--check")),
         "LATENCY": _figures_table(latest(directory, "latency", "raw")),
         "BACKLOG": _figures_table(latest(directory, "backlog", "raw")),
+        "SERVE_BACKLOG": _figures_table(latest(directory, "e2e-backlog", "raw")),
         "COST": _figures_table(latest(directory, "cost")),
         "E2E_RAW": _figures_table(latest(directory, "e2e", "raw")),
         "E2E_PARSED": _figures_table(latest(directory, "e2e", "parsed")),
