@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -96,18 +97,43 @@ def plugin_and_sidecar(
         sidecar.stop()
 
 
-def flush_all(proxy: Any, instance: Any, chunks: Iterable[bytes], result: EndToEndRun) -> None:
-    """Flushes each chunk until FLB_OK, pausing between retries as Fluent Bit's scheduler does."""
+def flush_all(
+    proxy: Any, instance: Any, chunks: Iterable[bytes], result: EndToEndRun, workers: int = 1
+) -> None:
+    """Flushes each chunk until FLB_OK, pausing between retries as Fluent Bit's scheduler does.
+
+    With ``workers`` > 1, that many threads flush at once, as Fluent Bit's output workers do.
+    """
     from harness.flb_proxy import Result
 
-    for chunk in chunks:
-        started = time.perf_counter()
-        while proxy.flush(instance, chunk, TAG) is not Result.OK:
-            result.retries += 1
-            time.sleep(0.05)
-        result.flush_seconds.append(time.perf_counter() - started)
-        result.chunks += 1
-        result.chunk_bytes += len(chunk)
+    source = iter(chunks)
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                chunk = next(source, None)
+            if chunk is None:
+                return
+            started = time.perf_counter()
+            retries = 0
+            while proxy.flush(instance, chunk, TAG) is not Result.OK:
+                retries += 1
+                time.sleep(0.05)
+            with lock:
+                result.retries += retries
+                result.flush_seconds.append(time.perf_counter() - started)
+                result.chunks += 1
+                result.chunk_bytes += len(chunk)
+
+    if workers == 1:
+        work()
+        return
+    threads = [threading.Thread(target=work, name=f"flb-worker-{n}") for n in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def wait_stored(emulator: RunningEmulator, expected_rows: int, deadline_s: float) -> None:
@@ -126,6 +152,7 @@ def run(
     sidecar_cpu: int | None,
     properties: dict[str, str] | None = None,
     deadline_s: float = 900.0,
+    workers: int = 1,
 ) -> EndToEndRun:
     """Starts the sidecar, flushes every chunk through the plugin, waits for every row."""
     result = EndToEndRun(expected_rows=expected_rows)
@@ -134,7 +161,7 @@ def run(
         cpu_before = process_cpu_seconds(pid)
         emulator_before = process_cpu_seconds(emulator.process.pid)
         with result.clock.running():
-            flush_all(proxy, instance, chunks, result)
+            flush_all(proxy, instance, chunks, result, workers)
             wait_stored(emulator, expected_rows, deadline_s)
         result.sidecar_cpu_s = process_cpu_seconds(pid) - cpu_before
         result.emulator_cpu_s = process_cpu_seconds(emulator.process.pid) - emulator_before

@@ -462,6 +462,9 @@ def e2e_options(parser: argparse.ArgumentParser) -> None:
     pipeline_options(parser)
     parser.set_defaults(cpu=0)  # this process plays Fluent Bit, beside the emulator
     parser.add_argument(
+        "--workers", type=int, default=1, help="flushes in flight at once (Fluent Bit `workers`)"
+    )
+    parser.add_argument(
         "--sidecar-cpu", type=cpu_or_none, default=1, help="CPU of the sidecar ('any': unpinned)"
     )
 
@@ -483,7 +486,7 @@ def run_e2e(args: argparse.Namespace, result: Result) -> None:
     ):
         run = e2e.run(
             corpus.read_chunks(chunk_file), emu, Path(short), len(expected.rows), args.sidecar_cpu,
-            dict(args.property),
+            dict(args.property), workers=args.workers,
         )  # fmt: skip
         if args.check:
             report_check(result, expected, emu)
@@ -496,7 +499,7 @@ def run_e2e(args: argparse.Namespace, result: Result) -> None:
         "end-to-end throughput (input events)",
         expected.events / run.clock.wall,
         "events/s",
-        note=f"{args.shape} chunks, sidecar on CPU {args.sidecar_cpu}",
+        note=f"{args.shape} chunks, sidecar on CPU {args.sidecar_cpu}, {args.workers} worker(s)",
     )
     result.add("end-to-end input rate", run.chunk_bytes / 1e6 / run.clock.wall, "MB/s")
     result.add(
