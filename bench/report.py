@@ -178,6 +178,7 @@ def sections(directory: Path = RESULTS_DIR) -> dict[str, str]:
         "BACKLOG": _figures_table(latest(directory, "backlog", "raw")),
         "SERVE_BACKLOG": _figures_table(latest(directory, "e2e-backlog", "raw")),
         "COST": _figures_table(latest(directory, "cost")),
+        "SDK_PREPARE": _figures_table(latest(directory, "sdk")),
         "E2E_RAW": _figures_table(latest(directory, "e2e", "raw")),
         "E2E_PARSED": _figures_table(latest(directory, "e2e", "parsed")),
     }

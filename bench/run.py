@@ -587,6 +587,7 @@ SUITE: tuple[tuple[str, str, list[str]], ...] = (
     ("corpus", "backlog", []),
     ("stages", "small", []),
     ("cost", "small", []),
+    ("sdk", "small", ["--repeat", "3"]),
     ("pipeline", "large", ["--shape", "raw", "--sdk", "--repeat", "3"]),
     ("pipeline", "large", ["--shape", "parsed", "--repeat", "3"]),
     ("pipeline", "small", ["--shape", "raw", "--check"]),
