@@ -93,8 +93,15 @@ def run_corpus(args: argparse.Namespace, result: Result) -> None:
         )
 
 
-def sdk_options(parser: argparse.ArgumentParser) -> None:
+def one_core_options(parser: argparse.ArgumentParser) -> None:
     corpus_options(parser)
+    parser.add_argument(
+        "--cpu", type=cpu_or_none, default=1, help="CPU this process runs on; 'any': unpinned"
+    )
+
+
+def sdk_options(parser: argparse.ArgumentParser) -> None:
+    one_core_options(parser)
     parser.add_argument("--repeat", type=int, default=3, help="passes; the best is reported")
 
 
@@ -118,7 +125,7 @@ def run_sdk(args: argparse.Namespace, result: Result) -> None:
     result.add("SDK bytes on the wire", best.compressed_bytes / 1e6, "MB")
 
 
-@command("stages", "floor cost per event of each step, both tail shapes", corpus_options)
+@command("stages", "floor cost per event of each step, both tail shapes", one_core_options)
 def run_stages(args: argparse.Namespace, result: Result) -> None:
     paths, _ = built_corpus(args)
     raw_chunks = list(corpus.read_chunks(paths.raw_chunks))
