@@ -60,6 +60,7 @@ def table(directory: Path = RESULTS_DIR) -> str:
     rss_drain = figure(backlog, "peak RSS while draining")
     rss_e2e = figure(e2e, "sidecar peak RSS (VmHWM)")
     serve_backlog = latest(directory, "e2e-backlog", "raw")
+    e2e_events = _events_of(e2e)
     serve_down = figure(serve_backlog, "serve peak RSS (VmHWM) after the outage")
     serve_drain = figure(serve_backlog, "serve peak RSS (VmHWM) after draining")
     lost = figure(check, "kept events lost")
@@ -78,7 +79,8 @@ def table(directory: Path = RESULTS_DIR) -> str:
             f"`auditrelay serve`, 1M-event backlog through the plugin: "
             f"{shown(serve_down, 'MiB')} after the outage, {shown(serve_drain, 'MiB')} after "
             f"draining; in-process pipeline: {shown(rss_down, 'MiB')} / "
-            f"{shown(rss_drain, 'MiB')}; serve, 100k events, no backlog: {shown(rss_e2e, 'MiB')}",
+            f"{shown(rss_drain, 'MiB')}; serve, {e2e_events} events, no backlog: "
+            f"{shown(rss_e2e, 'MiB')}",
             _verdict(
                 all(
                     v is not None and v <= 150
@@ -115,6 +117,13 @@ def table(directory: Path = RESULTS_DIR) -> str:
         command = f"`{_short(result['command'])}`" if result else ""
         lines.append(f"| {goal} | {measured} | {verdict} | {command} |")
     return "\n".join(lines)
+
+
+def _events_of(result: dict[str, Any] | None) -> str:
+    if result is None:
+        return "?"
+    words = result["command"].split()
+    return f"{int(words[words.index('--events') + 1]):,}" if "--events" in words else "?"
 
 
 def _verdict(met: bool) -> str:

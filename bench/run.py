@@ -187,6 +187,7 @@ def run_pipeline(args: argparse.Namespace, result: Result) -> None:
     with work_dir(args.work) as work:
         for repetition in range(args.repeat):
             place = work / f"run-{repetition}"
+            last = repetition == args.repeat - 1
             with emulator_process(args, place, full=args.check) as emu:
                 with profiling(args.profile and repetition == 0, place, result, args.emulator_cpu):
                     run = asyncio.run(
@@ -198,12 +199,13 @@ def run_pipeline(args: argparse.Namespace, result: Result) -> None:
                         )
                     )
                 runs.append((run, emu.count()))
-                if repetition == 0 and (args.check or args.sdk):
-                    # After the run: holding every expected row would show in its peak RSS.
+                if last and (args.check or args.sdk):
+                    # Only after every run: holding the expected rows would raise the runs'
+                    # peak RSS (ru_maxrss is the process's peak so far).
                     from bench.expected import expected_rows
 
                     expected = expected_rows(corpus.iter_lines(paths.jsonl))
-                if repetition == 0 and expected is not None and args.check:
+                if last and expected is not None and args.check:
                     report_check(result, expected, emu)
     runs.sort(key=lambda pair: pair[0].events_per_s)
     run, stored = runs[len(runs) // 2]
