@@ -257,7 +257,7 @@ def report_pipeline(
         "emulator busy",
         run.emulator_cpu_s / run.total.wall * 100,
         "% of its core",
-        note="near 100 %: the emulator, not the sidecar, set the wall-clock pace",
+        note="the wall-clock figures are the sidecar's while this stays well below 100 %",
     )
     result.add("RETRY_LATER answers", run.retry_later, "pushes")
     result.add("bytes sent uncompressed", run.uncompressed_bytes / 1e6, "MB")
