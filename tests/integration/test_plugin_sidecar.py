@@ -1,6 +1,6 @@
 """out_auditrelay.so, driven like Fluent Bit's Go proxy, against the real sidecar (`auditrelay serve`).
 
-Every test loads the plugin built from this checkout (tests/harness/flb_proxy.py) and runs the
+Every test loads the plugin built from this checkout (auditrelay.flbproxy) and runs the
 sidecar as a subprocess on a Unix socket (or TCP with mTLS), awaiting it through grpc.health.v1.
 """
 
@@ -18,9 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 from auditrelay.deadletter import payload_of, read_letters
-from fixtures.certs import make_pki
-from fixtures.chunks import REAL_CHUNK_PARSED, REAL_CHUNK_RAW_LOG
-from harness.flb_proxy import (
+from auditrelay.flbproxy import (
     FLUENT_BIT_4_2_8,
     FLUENT_BIT_5_1_1,
     FluentBitVersion,
@@ -31,6 +29,8 @@ from harness.flb_proxy import (
     Result,
     build_plugin,
 )
+from fixtures.certs import make_pki
+from fixtures.chunks import REAL_CHUNK_PARSED, REAL_CHUNK_RAW_LOG
 from harness.sidecar import Sidecar
 
 TAG = "kube.audit"
