@@ -42,26 +42,20 @@ import msgpack
 import orjson
 import yaml
 
-from auditrelay.app import pipeline_id_for
+from auditrelay.app import EmbeddedEmulator, pipeline_id_for
 from auditrelay.config import PipelineSettings
 from auditrelay.deadletter import DeadLetterStore
 from auditrelay.decode import Reason, decode_chunk
-from auditrelay.deliver import CredentialFactory, Destination, secret_credential_factory
-from auditrelay.emulator import DEFAULT_DCR_ID, Emulator, EmulatorSettings
 from auditrelay.errors import ConfigError, PropertyProblem, SpoolFullError
 from auditrelay.filter import PolicyFilter
 from auditrelay.metrics import Metrics
 from auditrelay.model import AuditEvent, DeadLetter
 from auditrelay.sink import DeliverySink
-from auditrelay.stream import COLUMN_TYPES
 
 HEAD_BYTES: Final = 1024  # the start of a file that, with its inode, identifies it
 BATCH_LINES: Final = 2000
 BATCH_BYTES: Final = 4 << 20
 GZIP_MAGIC: Final = b"\x1f\x8b"
-EMULATOR_TENANT: Final = "00000000-0000-0000-0000-00000000a0d1"
-EMULATOR_CLIENT: Final = "auditrelay-replay"
-EMULATOR_SECRET: Final = "the-bundled-emulator-accepts-any-secret"  # noqa: S105 - not a secret
 SPOOL_FULL_PAUSE: Final = 0.1  # seconds between tries while delivery makes room in the spool
 INSTANCE_NAME: Final = "replay"
 SPOOL_SHARE: Final = 8  # a batch of lines is at most this fraction of spool_limit
@@ -570,19 +564,21 @@ class Replay:
         emulator_dir: Path | None = None
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(dead_letters.close)
+            directory = self.base / "spool"
+            metrics = self.metrics.pipeline(self.pipeline_id)
             if self.settings.uses_emulator:
                 emulator_dir = self.options.state_dir / "emulator"
-                destination, credentials = await self._bundled_emulator(stack, emulator_dir)
+                embedded = EmbeddedEmulator(emulator_dir)
+                stack.push_async_callback(embedded.stop)
+                self._sink = await embedded.sink_for(
+                    self.settings, directory=directory, metrics=metrics, dead_letters=dead_letters
+                )
+                endpoint = embedded.running.endpoint if embedded.running else ""
             else:
-                destination, credentials = Destination.from_settings(self.settings), None
-            self._sink = DeliverySink(
-                self.settings,
-                directory=self.base / "spool",
-                metrics=self.metrics.pipeline(self.pipeline_id),
-                dead_letters=dead_letters,
-                destination=destination,
-                credential_factory=credentials,
-            )
+                endpoint = str(self.settings.endpoint)
+                self._sink = DeliverySink(
+                    self.settings, directory=directory, metrics=metrics, dead_letters=dead_letters
+                )
             await self._sink.start()
             delivered_all = False
             try:
@@ -602,31 +598,11 @@ class Replay:
             sent_bytes=self._sample("auditrelay_compressed_bytes_total"),
             spooled_bytes=self._sample("auditrelay_spooled_bytes_total"),
             undelivered_bytes=0 if delivered_all else undelivered,
-            endpoint=destination.endpoint,
-            stream=destination.stream,
+            endpoint=endpoint,
+            stream=self.settings.stream,
             interrupted=self.stop.is_set(),
             emulator_dir=emulator_dir,
         )
-
-    async def _bundled_emulator(
-        self, stack: contextlib.AsyncExitStack, state_dir: Path
-    ) -> tuple[Destination, CredentialFactory]:
-        """Starts the bundled emulator for this run; rows stay in its store afterwards."""
-        emulator = Emulator(
-            EmulatorSettings(state_dir=state_dir, streams={self.settings.stream: COLUMN_TYPES})
-        )
-        await stack.enter_async_context(emulator)
-        destination = Destination(
-            emulator.endpoint,
-            DEFAULT_DCR_ID,
-            self.settings.stream,
-            self.settings.audience,
-            emulator.ca_file,
-        )
-        credentials = secret_credential_factory(
-            emulator.authority_host, EMULATOR_TENANT, EMULATOR_CLIENT, EMULATOR_SECRET
-        )
-        return destination, credentials
 
     async def _replay_file(
         self, path: Path, checkpoints: CheckpointStore, dead_letters: DeadLetterStore

@@ -30,6 +30,7 @@ from auditrelay.emulator import (
     EmulatorSettings,
     Fault,
     FaultKind,
+    Store,
     running_in_thread,
 )
 from auditrelay.errors import ConfigError
@@ -233,6 +234,22 @@ def test_a_bad_line_is_reported_with_its_line_number(emulator: Emulator, tmp_pat
     assert [(f"{log}:3", b'{"kind":"Event", truncated')] == [
         (letter["tag"], payload_of(letter)) for letter in letters
     ]
+
+
+def test_without_an_endpoint_rows_go_to_the_bundled_emulator(tmp_path: Path) -> None:
+    """No endpoint: the bundled emulator runs for the replay, over HTTPS with a real credential,
+    and keeps the rows in the state directory, where `auditrelay emulator count` finds them."""
+    log = tmp_path / "audit.log"
+    shutil.copyfile(SAMPLES[0], log)
+    kept, _, _ = expected_rows(lines_of(log))
+    state = tmp_path / "state"
+
+    done = run_replay([log], state, {"batch_interval": "50ms"})
+
+    assert done.returncode in (0, 1), done.stderr
+    stored = Counter(Store.in_directory(state / "emulator").audit_id_counts())
+    assert {} == {audit_id: n for audit_id, n in kept.items() if stored[audit_id] < n}
+    assert f"auditrelay emulator count --state-dir {state / 'emulator'}" in done.stdout
 
 
 def fresh_log(path: Path, count: int) -> list[bytes]:
