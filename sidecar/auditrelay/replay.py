@@ -43,7 +43,7 @@ import orjson
 import yaml
 
 from auditrelay.app import EmbeddedEmulator, pipeline_id_for
-from auditrelay.config import PipelineSettings
+from auditrelay.config import PipelineSettings, SpoolSync
 from auditrelay.deadletter import DeadLetterStore
 from auditrelay.decode import Reason, decode_chunk
 from auditrelay.errors import ConfigError, PropertyProblem, SpoolFullError
@@ -630,6 +630,8 @@ class Replay:
                 if not await self._append(outcome.kept):
                     return  # stopped: the checkpoint stays before this batch
                 offset, line = batch.end_offset, batch.end_line
+                if self.settings.spool_sync is SpoolSync.INTERVAL:
+                    await asyncio.to_thread(self.sink.spool.sync)  # the checkpoint must not lead
                 await asyncio.to_thread(checkpoints.save, path, Checkpoint(identity, offset, line))
                 self._count(batch, outcome)
                 self._show(batch.raw_position)

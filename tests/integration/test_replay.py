@@ -311,6 +311,44 @@ def test_a_killed_replay_resumes_without_loss(emulator: Emulator, tmp_path: Path
     assert duplicates == assert_all_arrived(emulator, kept)
 
 
+def test_ctrl_c_stops_after_a_checkpoint_and_the_next_run_continues(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """SIGINT (Ctrl-C) while delivery fails: the run stops at a checkpoint, prints the summary
+    saying it was interrupted, exits 130; the same command then delivers everything, exit 0."""
+    log = tmp_path / "audit.log"
+    lines = fresh_log(log, 2000)
+    kept, _, _ = expected_rows(lines)
+    state = tmp_path / "state"
+    properties = endpoint_properties(emulator) | {"spool_limit": "256k"}
+    emulator.add_fault(Fault(FaultKind.STATUS, status=503))
+    process = subprocess.Popen(
+        replay_command([log], state, properties),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment(),
+    )
+    try:
+        wait_for(lambda: checkpoint_lines(state) > 0, 60, "the first checkpoint")
+        wait_for(lambda: 0 < len(emulator.store.requests()), 60, "a first (failing) request")
+    finally:
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=30)
+    assert 130 == process.returncode, stderr
+    assert "interrupted: run the same command again to continue where it stopped" in stdout
+    stopped_at = checkpoint_lines(state)
+    assert 0 < stopped_at < len(lines)
+    emulator.clear_faults()
+
+    done = run_replay([log], state, properties)
+
+    assert 0 == done.returncode, done.stderr
+    assert f"{log}: resuming after line {stopped_at:,}" in done.stderr
+    duplicates = assert_all_arrived(emulator, kept)
+    print(f"stopped after line {stopped_at}; {sum(duplicates.values())} duplicates")
+
+
 # --- configuration --------------------------------------------------------------------------
 
 
