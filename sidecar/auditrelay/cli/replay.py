@@ -27,6 +27,7 @@ from auditrelay.replay import Replay, ReplayOptions, ReplayResult, select_output
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1
+EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 
@@ -135,7 +136,12 @@ def run(args: argparse.Namespace) -> int:
         configure_logging(LogFormat.AUTO, args.log_level, stream=sys.stderr)
     except ValueError as error:
         raise ConfigError([PropertyProblem("--log-level", args.log_level, str(error))]) from None
-    result = asyncio.run(_replay(options))
+    try:
+        result = asyncio.run(_replay(options))
+    except OSError as error:  # an unwritable state directory, a file that went away
+        where = error.filename if error.filename is not None else options.state_dir
+        print(f"auditrelay replay: {where}: {error.strerror or error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     for line in summary_lines(result):
         print(line)
     return exit_code(result)
