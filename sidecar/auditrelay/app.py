@@ -111,7 +111,8 @@ class HasProblems(Protocol):
 
 @dataclass(slots=True)
 class PipelineCounters:
-    """Totals of one pipeline since start; plain integers, for metrics to read."""
+    """Totals of one pipeline since start, for tests and tools; /metrics has the same counts
+    from ``App.metrics``, incremented alongside."""
 
     chunks_received: int = 0
     chunk_bytes_received: int = 0
