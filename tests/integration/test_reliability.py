@@ -275,9 +275,9 @@ def readyz(sidecar: Sidecar) -> int:
 
 
 def test_a_sidecar_killed_mid_stream(
-    proxy: GoProxy, make_sidecar: Callable[..., Sidecar], emulator: Emulator
+    emulator: Emulator, make_sidecar: Callable[..., Sidecar], proxy: GoProxy
 ) -> None:
-    """SIGKILL while the spool still holds undelivered rows (the endpoint answers slowly): the
+    """SIGKILL while the spool holds undelivered rows (the endpoint answers after 1 s): the
     flushes during the outage get FLB_RETRY; after a restart on the same state directory the
     spool is sent again and the retried chunks are accepted; nothing accepted is lost."""
     sidecar = make_sidecar()
@@ -285,7 +285,8 @@ def test_a_sidecar_killed_mid_stream(
     chunks = Chunks("killed")
     emulator.add_fault(Fault(FaultKind.SLOW, delay=1.0))
     flb.send_all(chunks.many(10))
-    wait_for(lambda: len(emulator.store.requests()) >= 1, 30, "a first request in flight")
+    wait_for(lambda: len(emulator.store.requests()) >= 1, 30, "delivery under way")
+    flb.send(chunks.make())  # durable in the spool; its rows cannot be confirmed within 1 s
     sidecar.kill()
 
     during_outage = chunks.make()
@@ -303,7 +304,7 @@ def test_a_sidecar_killed_mid_stream(
 
 
 def test_an_endpoint_down_then_back(
-    proxy: GoProxy, make_sidecar: Callable[..., Sidecar], workdir: Path
+    workdir: Path, make_sidecar: Callable[..., Sidecar], proxy: GoProxy
 ) -> None:
     """Connection refused: chunks are still accepted into the spool, /readyz turns 503 after
     not_ready_after, and everything arrives once the endpoint listens again."""
@@ -325,7 +326,7 @@ def test_an_endpoint_down_then_back(
 
 
 def test_a_burst_of_429_with_retry_after(
-    proxy: GoProxy, make_sidecar: Callable[..., Sidecar], emulator: Emulator
+    emulator: Emulator, make_sidecar: Callable[..., Sidecar], proxy: GoProxy
 ) -> None:
     """Four 429s with Retry-After: 1 in a row: each is waited out before the next request, and
     every row arrives."""
@@ -348,7 +349,7 @@ def test_a_burst_of_429_with_retry_after(
 
 
 def test_a_413_from_a_lowered_limit(
-    proxy: GoProxy, make_sidecar: Callable[..., Sidecar], workdir: Path
+    workdir: Path, make_sidecar: Callable[..., Sidecar], proxy: GoProxy
 ) -> None:
     """The endpoint's body limit lowered to 30,000 bytes: bodies answered 413 are split until
     they fit, and every row arrives."""
@@ -364,7 +365,7 @@ def test_a_413_from_a_lowered_limit(
 
 
 def test_a_token_expiring_mid_stream(
-    proxy: GoProxy, make_sidecar: Callable[..., Sidecar], workdir: Path
+    workdir: Path, make_sidecar: Callable[..., Sidecar], proxy: GoProxy
 ) -> None:
     """Tokens that live 3 s: the stream goes on until a second token has been issued, and two
     more chunks after that; every row arrives."""
@@ -393,7 +394,7 @@ def fill_until_retry(flb: FluentBit, chunks: Chunks, most: int = 400) -> Chunk:
 
 
 def test_a_full_spool_is_a_retry_and_loses_nothing(
-    proxy: GoProxy, make_sidecar: Callable[..., Sidecar], emulator: Emulator
+    emulator: Emulator, make_sidecar: Callable[..., Sidecar], proxy: GoProxy
 ) -> None:
     """Delivery failing (503) and a 1 MiB spool: the spool fills, Fluent Bit sees FLB_RETRY for
     the chunk that does not fit; once the endpoint recovers, that chunk is accepted on retry and
@@ -432,7 +433,7 @@ def tiny_disk(workdir: Path) -> Iterator[Path]:
 
 
 def test_a_full_disk_is_a_retry_with_a_clear_error(
-    proxy: GoProxy, make_sidecar: Callable[..., Sidecar], emulator: Emulator, tiny_disk: Path
+    emulator: Emulator, tiny_disk: Path, make_sidecar: Callable[..., Sidecar], proxy: GoProxy
 ) -> None:
     """The spool's disk full (ENOSPC) while delivery fails: the flush gets FLB_RETRY with an error
     naming the full disk; nothing is damaged (no skipped spool bytes), and once rows are
