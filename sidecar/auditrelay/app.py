@@ -378,9 +378,14 @@ class App:
         try:
             if outcome.kept:
                 await pipeline.sink.append(outcome.kept)
-        except SpoolError:
+        except SpoolError as error:
             counters.chunks_retry_later += 1
-            log.warning("chunk_deferred", pipeline_id=pipeline_id, events=len(outcome.kept))
+            log.warning(
+                "chunk_deferred",
+                pipeline_id=pipeline_id,
+                events=len(outcome.kept),
+                reason=str(error),
+            )
             raise
         return self._accepted(pipeline, tag, len(chunk), outcome)
 
