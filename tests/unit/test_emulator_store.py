@@ -136,4 +136,4 @@ def test_a_store_named_by_a_relative_path_can_be_read(
     writer.record(attempt(rows=1), [("a-1", None, orjson.dumps({"auditID": "a-1"}))])
     writer.close()
 
-    assert ["a-1"] == [row.row["auditID"] for row in Store.in_directory(Path("state")).rows()]
+    assert [{"auditID": "a-1"}] == [row.row for row in Store.in_directory(Path("state")).rows()]
