@@ -24,7 +24,6 @@ from auditrelay.config import ServerSettings
 from auditrelay.errors import SpoolError
 from auditrelay.model import PushStatus
 
-from bench import wiring
 from bench.emulator import RunningEmulator
 from bench.results import Stopwatch, process_cpu_seconds
 
@@ -79,19 +78,25 @@ def collect_garbage_like_serve() -> None:
 
 
 class Sidecar:
-    """One sidecar pipeline (policy filter + delivery sink) inside this process."""
+    """One sidecar pipeline inside this process, wired by ``app.App`` as ``serve`` wires it
+    (the policy filter and the delivery sink), without the gRPC transport."""
 
     def __init__(self, state_dir: Path, properties: dict[str, str]) -> None:
         collect_garbage_like_serve()
         self.settings = ServerSettings(state_dir=state_dir)
         self.properties = properties
-        self.factories = wiring.Factories(self.settings)
-        self.app = App(self.settings, **self.factories.app_arguments())
+        self.app = App(self.settings)
         self.pipeline_id = ""
 
     async def start(self) -> None:
+        """Configures the pipeline, which builds and starts its sink."""
         self.pipeline_id = await self.app.configure(self.properties, INSTANCE, "bench")
-        await self.factories.start(self.pipeline_id)
+
+    def value(self, name: str, **labels: str) -> float:
+        """One sample of the sidecar's metrics for this pipeline."""
+        registry = self.app.metrics.registry
+        sample = registry.get_sample_value(name, {"pipeline": self.pipeline_id, **labels})
+        return sample or 0.0
 
     async def push(self, chunk: bytes, retry_pause: float = 0.05) -> tuple[int, int]:
         """Pushes one chunk until ACCEPTED, as Fluent Bit retries it; returns the RETRY_LATER
@@ -109,10 +114,10 @@ class Sidecar:
             return retries, result.events_received
 
     def delivered(self) -> int:
-        return int(self.factories.value("auditrelay_events_delivered_total", self.pipeline_id))
+        return int(self.value("auditrelay_events_delivered_total"))
 
     def spooled(self) -> int:
-        return int(self.factories.value("auditrelay_events_spooled_total", self.pipeline_id))
+        return int(self.value("auditrelay_events_spooled_total"))
 
     async def wait_delivered(self, expected: int) -> None:
         """Returns once ``expected`` events are delivered (bound it with asyncio.timeout)."""
@@ -125,16 +130,15 @@ class Sidecar:
         run.events_received = counters.events_received
         run.events_kept = counters.events_accepted
         run.events_delivered = self.delivered()
-        value = self.factories.value
-        run.uncompressed_bytes = int(value("auditrelay_uncompressed_bytes_total", self.pipeline_id))
-        run.compressed_bytes = int(value("auditrelay_compressed_bytes_total", self.pipeline_id))
+        value = self.value
+        run.uncompressed_bytes = int(value("auditrelay_uncompressed_bytes_total"))
+        run.compressed_bytes = int(value("auditrelay_compressed_bytes_total"))
         run.requests = int(
-            value("auditrelay_requests_total", self.pipeline_id, status="204")
-            + value("auditrelay_requests_total", self.pipeline_id, status="200")
+            value("auditrelay_requests_total", status="204")
+            + value("auditrelay_requests_total", status="200")
         )
 
     async def aclose(self) -> None:
-        await self.factories.stop()
         await self.app.aclose()
 
 
