@@ -13,7 +13,7 @@ from bench.results import RESULTS_DIR
 def latest(directory: Path, benchmark: str, *words: str) -> dict[str, Any] | None:
     """The newest result of ``benchmark`` whose command has every one of ``words``."""
     found = None
-    for path in sorted(directory.glob(f"{benchmark}-*.json")):
+    for path in sorted(directory.glob(f"{benchmark}-2*.json")):  # not e2e-backlog for e2e
         result = json.loads(path.read_text())
         command = result["command"].split()
         if all(word in command for word in words) and not _excluded(command, words):
