@@ -73,10 +73,13 @@ def utc_now() -> str:
 
 
 def current_command() -> str:
-    """The command line that runs this process again, with its CPU pinning and PYTHONPATH."""
-    words = []
-    if pythonpath := os.environ.get("PYTHONPATH"):
-        words.append(f"PYTHONPATH={pythonpath}")
+    """The command line that runs this process again, with its CPU pinning, PYTHONPATH and any
+    glibc malloc tuning (``MALLOC_*``, inherited by the sidecar processes it starts)."""
+    words = [
+        f"{name}={value}"
+        for name, value in sorted(os.environ.items())
+        if name == "PYTHONPATH" or name.startswith("MALLOC_")
+    ]
     allowed = sorted(os.sched_getaffinity(0))
     if len(allowed) < (os.cpu_count() or 1):
         words += ["taskset", "-c", ",".join(map(str, allowed))]

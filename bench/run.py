@@ -589,42 +589,47 @@ def suite_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip", nargs="*", default=[], help="benchmarks to leave out")
 
 
-# (benchmark, corpus size: small | large | backlog, arguments)
-SUITE: tuple[tuple[str, str, list[str]], ...] = (
-    ("corpus", "small", []),
-    ("corpus", "large", []),
-    ("corpus", "backlog", []),
-    ("stages", "small", []),
-    ("cost", "small", []),
-    ("sdk", "small", ["--repeat", "3"]),
-    ("pipeline", "large", ["--shape", "raw", "--sdk", "--repeat", "3"]),
-    ("pipeline", "large", ["--shape", "parsed", "--repeat", "3"]),
-    ("pipeline", "small", ["--shape", "raw", "--check"]),
-    ("pipeline", "small", ["--shape", "raw", "--profile"]),
-    ("pipeline", "small", ["--shape", "parsed", "--profile"]),
-    ("latency", "small", ["--shape", "raw", "--pace", "5000"]),
-    ("e2e", "large", ["--shape", "raw"]),
-    ("e2e", "large", ["--shape", "parsed"]),
-    ("backlog", "backlog", ["--shape", "raw"]),
-    ("e2e-backlog", "backlog", ["--shape", "raw"]),
+# (benchmark, corpus size: small | large | backlog, arguments, environment)
+SUITE: tuple[tuple[str, str, list[str], dict[str, str]], ...] = (
+    ("corpus", "small", [], {}),
+    ("corpus", "large", [], {}),
+    ("corpus", "backlog", [], {}),
+    ("stages", "small", [], {}),
+    ("cost", "small", [], {}),
+    ("sdk", "small", ["--repeat", "3"], {}),
+    ("pipeline", "large", ["--shape", "raw", "--sdk", "--repeat", "3"], {}),
+    ("pipeline", "large", ["--shape", "parsed", "--repeat", "3"], {}),
+    ("pipeline", "small", ["--shape", "raw", "--check"], {}),
+    ("pipeline", "small", ["--shape", "raw", "--profile"], {}),
+    ("pipeline", "small", ["--shape", "parsed", "--profile"], {}),
+    ("latency", "small", ["--shape", "raw", "--pace", "5000"], {}),
+    ("e2e", "large", ["--shape", "raw"], {}),
+    ("e2e", "large", ["--shape", "parsed"], {}),
+    ("e2e", "large", ["--shape", "raw"], {"MALLOC_ARENA_MAX": "1"}),
+    ("backlog", "backlog", ["--shape", "raw"], {}),
+    ("e2e-backlog", "backlog", ["--shape", "raw"], {}),
+    ("e2e-backlog", "backlog", ["--shape", "raw"], {"MALLOC_ARENA_MAX": "1"}),
 )
 
 
 @command("all", "every benchmark, each in its own process, in one go", suite_options)
 def run_all(args: argparse.Namespace, result: Result) -> None:
     sizes = {"small": args.events, "large": args.throughput_events, "backlog": args.backlog_events}
-    for name, size, extra in SUITE:
+    for name, size, extra, environment in SUITE:
         if name in args.skip:
             continue
         argv = [sys.executable, "-m", "bench", "--results", str(args.results), name,
                 "--events", str(sizes[size]), *extra]  # fmt: skip
-        print("$", " ".join(argv[1:]), flush=True)
-        completed = subprocess.run(argv, check=False)
+        shown_env = " ".join(f"{k}={v}" for k, v in environment.items())
+        print("$", shown_env, " ".join(argv[1:]), flush=True)
+        completed = subprocess.run(argv, check=False, env={**os.environ, **environment})
         result.details.setdefault("runs", []).append(
-            {"argv": argv[1:], "returncode": completed.returncode}
+            {"argv": argv[1:], "env": environment, "returncode": completed.returncode}
         )
         result.add(
-            f"{name} {sizes[size]} {' '.join(extra)}".strip(), completed.returncode, "exit code"
+            f"{shown_env} {name} {sizes[size]} {' '.join(extra)}".strip(),
+            completed.returncode,
+            "exit code",
         )
 
 
