@@ -50,6 +50,13 @@ def _frugal_env(gobin: Path | None = None) -> dict[str, str]:
     return env
 
 
+def _remove_earlier_builds(binary: str, keep: Path) -> None:
+    """Builds of earlier inputs (another version, older sources) are never used again."""
+    for earlier in CACHE_ROOT.glob(f"{binary}-*"):
+        if earlier != keep and earlier.is_dir():
+            shutil.rmtree(earlier, ignore_errors=True)
+
+
 def _build_into(
     directory: Path, binary: str, command: list[str], cwd: Path | None, use_gobin: bool
 ) -> Path:
@@ -76,6 +83,7 @@ def _build_into(
             raise BuildError(f"building {binary} failed ({' '.join(command)}):\n{result.stderr}")
         print(f"built {binary} in {time.monotonic() - started:.0f}s", file=sys.stderr)
         staging.rename(directory)
+        _remove_earlier_builds(binary, keep=directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -441,3 +441,9 @@ def test_local_emulator_needs_no_azure_settings(render: Render) -> None:
     output = render(set_values={"azure.useLocalEmulator": "true"}).section("OUTPUT", "auditrelay")
     assert "endpoint" not in output
     assert "unix:///run/auditrelay/relay.sock" == output["sidecar_address"]
+
+
+def test_global_values_of_a_parent_chart_are_accepted(render: Render) -> None:
+    """The strict schema still lets a parent chart pass its global values down to this chart."""
+    rendered = render(ci_file("default-values"), set_values={"global.imageRegistry": "example.org"})
+    assert 1 == len(rendered.all("DaemonSet"))
