@@ -118,10 +118,10 @@ class Rendered:
 
 
 def _helm_template_command(
-    helm: Path, values_files: tuple[Path, ...], set_values: Mapping[str, str]
+    helm: Path, values_files: tuple[Path, ...], set_values: Mapping[str, str], kube_version: str
 ) -> list[str]:
     command = [str(helm), "template", RELEASE, str(CHART), "--namespace", NAMESPACE]
-    command += ["--kube-version", KUBE_VERSION]
+    command += ["--kube-version", kube_version]
     for path in values_files:
         command += ["--values", str(path)]
     for key, value in set_values.items():
@@ -151,11 +151,16 @@ def kubecheck_binary() -> Path:
 
 @pytest.fixture(scope="session")
 def render_text(helm_binary: Path) -> RenderText:
-    """Factory: ``render_text(values_file, ..., set_values={...})`` is helm template's output;
+    """Factory: ``render_text(values_file, ..., set_values={...}, kube_version=...)`` is helm
+    template's output for a cluster of that Kubernetes version;
     raises RenderError with helm's message when helm refuses."""
 
-    def run(*values_files: Path, set_values: Mapping[str, str] | None = None) -> str:
-        command = _helm_template_command(helm_binary, values_files, set_values or {})
+    def run(
+        *values_files: Path,
+        set_values: Mapping[str, str] | None = None,
+        kube_version: str = KUBE_VERSION,
+    ) -> str:
+        command = _helm_template_command(helm_binary, values_files, set_values or {}, kube_version)
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise RenderError(result.stderr)
@@ -168,8 +173,12 @@ def render_text(helm_binary: Path) -> RenderText:
 def render(render_text: RenderText) -> Render:
     """Factory: ``render(values_file, ..., set_values={...})`` -> Rendered."""
 
-    def run(*values_files: Path, set_values: Mapping[str, str] | None = None) -> Rendered:
-        text = render_text(*values_files, set_values=set_values)
+    def run(
+        *values_files: Path,
+        set_values: Mapping[str, str] | None = None,
+        kube_version: str = KUBE_VERSION,
+    ) -> Rendered:
+        text = render_text(*values_files, set_values=set_values, kube_version=kube_version)
         return Rendered([item for item in yaml.safe_load_all(text) if item])
 
     return run

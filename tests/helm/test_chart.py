@@ -447,3 +447,26 @@ def test_global_values_of_a_parent_chart_are_accepted(render: Render) -> None:
     """The strict schema still lets a parent chart pass its global values down to this chart."""
     rendered = render(ci_file("default-values"), set_values={"global.imageRegistry": "example.org"})
     assert 1 == len(rendered.all("DaemonSet"))
+
+
+def test_sidecar_starts_before_and_stops_after_fluent_bit(render: Render) -> None:
+    """On Kubernetes 1.29+ the sidecar is a native sidecar placed after the chart's other init
+    containers: it is up (its startup probe passed) before Fluent Bit starts, and it still takes
+    Fluent Bit's last flush on shutdown."""
+    pod = render(ci_file("default-values")).pod
+    init_names = [item["name"] for item in pod["initContainers"]]
+    assert ["install-plugin", "prepare-state", "sidecar"] == init_names
+    sidecar = pod["initContainers"][-1]
+    assert ("Always", "/healthz") == (
+        sidecar["restartPolicy"],
+        sidecar["startupProbe"]["httpGet"]["path"],
+    )
+    assert ["fluent-bit"] == [item["name"] for item in pod["containers"]]
+
+
+def test_sidecar_is_a_regular_container_before_kubernetes_1_29(render: Render) -> None:
+    """Clusters without native sidecars get the sidecar as a regular container."""
+    pod = render(ci_file("default-values"), kube_version="1.28.9").pod
+    assert ["install-plugin", "prepare-state"] == [item["name"] for item in pod["initContainers"]]
+    assert ["fluent-bit", "sidecar"] == [item["name"] for item in pod["containers"]]
+    assert "restartPolicy" not in pod["containers"][1]

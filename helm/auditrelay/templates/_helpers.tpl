@@ -167,3 +167,8 @@ custom_parsers.conf: |
   {{- tpl $content $ | nindent 2 }}
 {{- end }}
 {{- end }}
+
+{{/* "true" when the sidecar runs as a native sidecar: wanted, and the cluster has them (1.29+). */}}
+{{- define "auditrelay.nativeSidecar" -}}
+{{- if and .Values.sidecar.nativeSidecar (semverCompare ">=1.29.0-0" .Capabilities.KubeVersion.Version) }}true{{ end }}
+{{- end }}

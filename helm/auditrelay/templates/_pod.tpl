@@ -68,6 +68,9 @@ initContainers:
   {{- toYaml . | nindent 2 }}
   {{- end }}
   {{- end }}
+  {{- if include "auditrelay.nativeSidecar" . }}
+  {{- include "auditrelay.sidecarContainer" . | nindent 2 }}
+  {{- end }}
 containers:
   - name: fluent-bit
     image: {{ include "auditrelay.image" (list .Values.image .Values.image.tag) }}
@@ -136,72 +139,9 @@ containers:
       {{- with .Values.extraVolumeMounts }}
       {{- toYaml . | nindent 6 }}
       {{- end }}
-  - name: sidecar
-    image: {{ $sidecarImage }}
-    imagePullPolicy: {{ .Values.sidecar.image.pullPolicy }}
-    args: [serve]
-    env:
-      - name: AUDITRELAY_LISTEN
-        value: {{ include "auditrelay.socketAddress" . | quote }}
-      - name: AUDITRELAY_STATE_DIR
-        value: {{ include "auditrelay.spoolDir" . | quote }}
-      - name: AUDITRELAY_METRICS_ADDRESS
-        value: {{ printf "0.0.0.0:%d" (int .Values.sidecar.metricsPort) | quote }}
-      - name: AUDITRELAY_LOG_LEVEL
-        value: {{ .Values.sidecar.logLevel | quote }}
-      - name: AUDITRELAY_LOG_FORMAT
-        value: {{ .Values.sidecar.logFormat | quote }}
-      {{- with .Values.sidecar.env }}
-      {{- toYaml . | nindent 6 }}
-      {{- end }}
-    {{- with .Values.sidecar.envFrom }}
-    envFrom:
-      {{- toYaml . | nindent 6 }}
-    {{- end }}
-    ports:
-      - name: sidecar-http
-        containerPort: {{ .Values.sidecar.metricsPort }}
-        protocol: TCP
-    {{- with .Values.sidecar.livenessProbe }}
-    livenessProbe:
-      {{- toYaml . | nindent 6 }}
-    {{- end }}
-    {{- with .Values.sidecar.readinessProbe }}
-    readinessProbe:
-      {{- toYaml . | nindent 6 }}
-    {{- end }}
-    {{- with .Values.sidecar.resources }}
-    resources:
-      {{- toYaml . | nindent 6 }}
-    {{- end }}
-    securityContext:
-      {{- toYaml (merge (dict "runAsUser" .Values.sidecar.runAsUser "runAsGroup" .Values.sidecar.runAsGroup) (deepCopy .Values.sidecar.securityContext)) | nindent 6 }}
-    volumeMounts:
-      - name: socket
-        mountPath: {{ include "auditrelay.socketDir" . }}
-      - name: state
-        mountPath: {{ include "auditrelay.spoolDir" . }}
-        subPath: sidecar
-      - name: tmp
-        mountPath: /tmp
-      {{- if .Values.azure.policy.existingConfigMap }}
-      - name: policy
-        mountPath: {{ include "auditrelay.policyDir" . }}
-        readOnly: true
-      {{- end }}
-      {{- if eq $auth.method "clientCertificate" }}
-      - name: client-certificate
-        mountPath: {{ include "auditrelay.clientCertificateDir" . }}
-        readOnly: true
-      {{- end }}
-      {{- if and (eq $auth.method "workloadIdentity") $auth.workloadIdentity.projectedToken }}
-      - name: azure-token
-        mountPath: {{ dir (include "auditrelay.projectedTokenPath" .) }}
-        readOnly: true
-      {{- end }}
-      {{- with .Values.sidecar.extraVolumeMounts }}
-      {{- toYaml . | nindent 6 }}
-      {{- end }}
+  {{- if not (include "auditrelay.nativeSidecar" .) }}
+  {{- include "auditrelay.sidecarContainer" . | nindent 2 }}
+  {{- end }}
   {{- if .Values.hotReload.enabled }}
   - name: reloader
     image: {{ include "auditrelay.image" (list .Values.hotReload.image .Values.hotReload.image.tag) }}
@@ -309,4 +249,82 @@ affinity:
 tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end }}
+
+{{/* The sidecar container; on Kubernetes 1.29+ a native sidecar (an init container that keeps running). */}}
+{{- define "auditrelay.sidecarContainer" -}}
+- name: sidecar
+{{- if include "auditrelay.nativeSidecar" . }}
+  # A native sidecar: started before Fluent Bit, stopped after Fluent Bit has flushed.
+  restartPolicy: Always
+{{- end }}
+  image: {{ include "auditrelay.image" (list .Values.sidecar.image .Chart.AppVersion) }}
+  imagePullPolicy: {{ .Values.sidecar.image.pullPolicy }}
+  args: [serve]
+  env:
+    - name: AUDITRELAY_LISTEN
+      value: {{ include "auditrelay.socketAddress" . | quote }}
+    - name: AUDITRELAY_STATE_DIR
+      value: {{ include "auditrelay.spoolDir" . | quote }}
+    - name: AUDITRELAY_METRICS_ADDRESS
+      value: {{ printf "0.0.0.0:%d" (int .Values.sidecar.metricsPort) | quote }}
+    - name: AUDITRELAY_LOG_LEVEL
+      value: {{ .Values.sidecar.logLevel | quote }}
+    - name: AUDITRELAY_LOG_FORMAT
+      value: {{ .Values.sidecar.logFormat | quote }}
+    {{- with .Values.sidecar.env }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with .Values.sidecar.envFrom }}
+  envFrom:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  ports:
+    - name: sidecar-http
+      containerPort: {{ .Values.sidecar.metricsPort }}
+      protocol: TCP
+  {{- with .Values.sidecar.startupProbe }}
+  startupProbe:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.sidecar.livenessProbe }}
+  livenessProbe:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.sidecar.readinessProbe }}
+  readinessProbe:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.sidecar.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- toYaml (merge (dict "runAsUser" .Values.sidecar.runAsUser "runAsGroup" .Values.sidecar.runAsGroup) (deepCopy .Values.sidecar.securityContext)) | nindent 4 }}
+  volumeMounts:
+    - name: socket
+      mountPath: {{ include "auditrelay.socketDir" . }}
+    - name: state
+      mountPath: {{ include "auditrelay.spoolDir" . }}
+      subPath: sidecar
+    - name: tmp
+      mountPath: /tmp
+    {{- if .Values.azure.policy.existingConfigMap }}
+    - name: policy
+      mountPath: {{ include "auditrelay.policyDir" . }}
+      readOnly: true
+    {{- end }}
+    {{- if eq .Values.azure.auth.method "clientCertificate" }}
+    - name: client-certificate
+      mountPath: {{ include "auditrelay.clientCertificateDir" . }}
+      readOnly: true
+    {{- end }}
+    {{- if and (eq .Values.azure.auth.method "workloadIdentity") .Values.azure.auth.workloadIdentity.projectedToken }}
+    - name: azure-token
+      mountPath: {{ dir (include "auditrelay.projectedTokenPath" .) }}
+      readOnly: true
+    {{- end }}
+    {{- with .Values.sidecar.extraVolumeMounts }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
 {{- end }}
