@@ -470,3 +470,10 @@ def test_sidecar_is_a_regular_container_before_kubernetes_1_29(render: Render) -
     assert ["install-plugin", "prepare-state"] == [item["name"] for item in pod["initContainers"]]
     assert ["fluent-bit", "sidecar"] == [item["name"] for item in pod["containers"]]
     assert "restartPolicy" not in pod["containers"][1]
+
+
+def test_existing_configmap_replaces_the_chart_configuration(render: Render) -> None:
+    """With existingConfigMap, Fluent Bit reads the operator's ConfigMap and the chart renders none."""
+    rendered = render(ci_file("default-values"), set_values={"existingConfigMap": "my-fluent-bit"})
+    assert [] == rendered.all("ConfigMap")
+    assert "my-fluent-bit" == rendered.volume("config")["configMap"]["name"]
