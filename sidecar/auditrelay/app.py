@@ -10,10 +10,12 @@ A chunk that is not msgpack at all is set aside whole and ACCEPTED: retrying can
 REJECTED (FLB_ERROR) would make Fluent Bit drop it without a trace. The sink raising
 ``SpoolError`` (``SpoolFullError`` when full) becomes RETRY_LATER in ``receive``.
 
-The filter and the durable sink are plugged in by factories. Until the real ones are wired in,
-``KeepEveryEventFilter`` and ``MemoryBufferSink`` stand in: the first keeps every event, the
-second holds accepted events in memory (``MEMORY_BUFFER_BYTES`` of event JSON at most) and
-answers SpoolFullError, hence RETRY_LATER, once full: nothing is lost, nothing is delivered.
+Each pipeline gets the audit-policy filter (``filter.PolicyFilter`` for its ``policy``
+property) and a ``sink.DeliverySink``: its spool under ``<state_dir>/spool/<pipeline_id>/``,
+delivering to its ``endpoint``, or, when the pipeline names none, to the bundled emulator,
+which then runs in this process (state under ``<state_dir>/emulator/``, started once, the
+first time a pipeline needs it). Sinks start on Configure and, at shutdown, deliver what they
+hold for up to ``drain_seconds`` before they stop; the rest waits in the spool.
 
 ``EventFilter.apply`` runs on the single decode thread (never concurrently with itself);
 ``EventSink.append`` runs on the event loop.
@@ -25,11 +27,12 @@ import asyncio
 import hashlib
 import os
 import re
+import secrets
 import signal
-from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final, Protocol, runtime_checkable
 
 import orjson
@@ -39,14 +42,18 @@ from auditrelay import __version__
 from auditrelay.config import PROPERTY_BY_NAME, Owner, PipelineSettings, Property, ServerSettings
 from auditrelay.deadletter import DeadLetterStore
 from auditrelay.decode import Reason, decode_chunk
+from auditrelay.deliver import Destination, secret_credential_factory
+from auditrelay.emulator import Emulator, EmulatorSettings
 from auditrelay.errors import (
+    AuditRelayError,
     ConfigError,
     DecodeError,
     PolicyError,
     PropertyProblem,
     SpoolError,
-    SpoolFullError,
 )
+from auditrelay.filter import PolicyFilter
+from auditrelay.metrics import HealthServer, Metrics, PipelineMetrics
 from auditrelay.model import (
     AuditEvent,
     DeadLetter,
@@ -57,6 +64,7 @@ from auditrelay.model import (
     PushStatus,
 )
 from auditrelay.receive import PipelineNotFoundError, RelayServer
+from auditrelay.sink import DeliverySink
 
 log = structlog.get_logger("auditrelay.app")
 
@@ -65,66 +73,21 @@ SinkFactory = Callable[[PipelineSettings, str], EventSink]
 DeadLetterFactory = Callable[[PipelineSettings, str], DeadLetterSink]
 
 SHUTDOWN_GRACE_SECONDS: Final = 10.0
-# Event JSON held by the in-memory stand-in sink; the Python objects take several times that.
-MEMORY_BUFFER_BYTES: Final = 64 << 20
+DRAIN_SECONDS: Final = 10.0
+# The identity the embedded emulator's token endpoint sees; it accepts any client's secret.
+EMULATOR_TENANT: Final = "auditrelay-embedded"
+EMULATOR_CLIENT: Final = "auditrelay-sidecar"
 
 
-# --- the stand-ins until the policy filter and the durable spool are wired in ------------------
+@runtime_checkable
+class Startable(Protocol):
+    """A sink with background work: started on Configure, stopped (drained) at shutdown."""
 
+    async def start(self) -> None:
+        """Opens what the sink needs and starts its background work."""
 
-class KeepEveryEventFilter:
-    """An EventFilter that keeps every event unchanged (no audit policy applied)."""
-
-    def __init__(self, settings: PipelineSettings | None = None) -> None:
-        self.settings = settings
-
-    def apply(self, event: AuditEvent) -> AuditEvent | None:
-        """Returns the event as it is."""
-        return event
-
-
-class MemoryBufferSink:
-    """An EventSink that holds events in memory, bounded in bytes; not durable across restarts.
-
-    ``append`` raises SpoolFullError when the events would exceed ``limit_bytes``, so the reply
-    contract (RETRY_LATER when the next stage is full) already holds. ``take`` empties it.
-    """
-
-    def __init__(self, limit_bytes: int) -> None:
-        self.limit_bytes = limit_bytes
-        self.used_bytes = 0
-        self._events: deque[tuple[AuditEvent, int]] = deque()
-
-    @classmethod
-    def for_pipeline(cls, settings: PipelineSettings, pipeline_id: str) -> MemoryBufferSink:
-        """The sink factory: bounded by spool_limit, and never more than MEMORY_BUFFER_BYTES."""
-        return cls(min(settings.spool_limit, MEMORY_BUFFER_BYTES))
-
-    async def append(self, events: Sequence[AuditEvent]) -> None:
-        """Keeps all the events, or none of them when they do not fit."""
-        sizes = [_size_of(event) for event in events]
-        needed = sum(sizes)
-        if self.used_bytes + needed > self.limit_bytes:
-            raise SpoolFullError(
-                f"memory buffer holds {self.used_bytes} of {self.limit_bytes} bytes; "
-                f"{needed} more do not fit"
-            )
-        self._events.extend(zip(events, sizes, strict=True))
-        self.used_bytes += needed
-
-    def take(self) -> list[AuditEvent]:
-        """Removes and returns every buffered event, oldest first."""
-        taken = [event for event, _ in self._events]
-        self._events.clear()
-        self.used_bytes = 0
-        return taken
-
-    def __len__(self) -> int:
-        return len(self._events)
-
-
-def _size_of(event: AuditEvent) -> int:
-    return len(event.raw) if event.raw is not None else len(orjson.dumps(event.fields))
+    async def stop(self, drain_seconds: float) -> None:
+        """Finishes what it can within ``drain_seconds``, then releases everything."""
 
 
 @runtime_checkable
@@ -135,12 +98,21 @@ class Closable(Protocol):
         """Releases the resources; called once at shutdown."""
 
 
-# --- counters (read by the metrics module) -----------------------------------------------------
+@runtime_checkable
+class HasProblems(Protocol):
+    """A sink that can say why it is not ready (what /readyz reports)."""
+
+    def problems(self) -> list[str]:
+        """Why the pipeline is not ready; empty when it is."""
+
+
+# --- counters (also exported as Prometheus metrics) ---------------------------------------------
 
 
 @dataclass(slots=True)
 class PipelineCounters:
-    """Totals of one pipeline since start; plain integers, for metrics to read."""
+    """Totals of one pipeline since start, for tests and tools; /metrics has the same counts
+    from ``App.metrics``, incremented alongside."""
 
     chunks_received: int = 0
     chunk_bytes_received: int = 0
@@ -167,6 +139,7 @@ class Pipeline:
     event_filter: EventFilter
     sink: EventSink
     dead_letters: DeadLetterSink
+    metrics: PipelineMetrics
     counters: PipelineCounters = field(default_factory=PipelineCounters)
 
 
@@ -213,48 +186,127 @@ def deadletter_store_factory(server: ServerSettings) -> DeadLetterFactory:
     return build
 
 
+class EmbeddedEmulator:
+    """The bundled emulator as the destination of pipelines without an ``endpoint``.
+
+    Runs in this process, started once, the first time a pipeline needs it; its CA, token
+    authority and a client secret of this process's own are what those pipelines use.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self._emulator: Emulator | None = None
+        self._lock = asyncio.Lock()
+        self._secret = secrets.token_urlsafe(24)
+
+    @property
+    def running(self) -> Emulator | None:
+        """The emulator once started."""
+        return self._emulator
+
+    async def ensure_started(self) -> Emulator:
+        """The running emulator, started on the first call."""
+        async with self._lock:
+            if self._emulator is None:
+                emulator = Emulator(EmulatorSettings(state_dir=self.state_dir))
+                try:
+                    await emulator.start()
+                except OSError as error:
+                    raise AuditRelayError(
+                        f"the bundled emulator could not start in {self.state_dir}: {error}"
+                    ) from error
+                self._emulator = emulator
+            return self._emulator
+
+    async def sink_for(
+        self,
+        settings: PipelineSettings,
+        *,
+        directory: Path,
+        metrics: PipelineMetrics,
+        dead_letters: DeadLetterSink,
+    ) -> DeliverySink:
+        """A DeliverySink that delivers to the emulator with a real client-secret credential."""
+        emulator = await self.ensure_started()
+        destination = Destination(
+            endpoint=emulator.endpoint,
+            rule_id=emulator.dcr_id,
+            stream=settings.stream,
+            audience=emulator.settings.audience,
+            ca_file=emulator.ca_file,
+        )
+        credentials = secret_credential_factory(
+            emulator.authority_host, EMULATOR_TENANT, EMULATOR_CLIENT, self._secret
+        )
+        log.info(
+            "pipeline_delivers_to_emulator",
+            pipeline=settings.instance_name,
+            endpoint=emulator.endpoint,
+            store=str(emulator.store.path),
+            note="no endpoint is set: rows go to the bundled local emulator, not to Azure",
+        )
+        return DeliverySink(
+            settings,
+            directory=directory,
+            metrics=metrics,
+            dead_letters=dead_letters,
+            destination=destination,
+            credential_factory=credentials,
+        )
+
+    async def stop(self) -> None:
+        """Stops the emulator if it runs."""
+        if self._emulator is not None:
+            await self._emulator.stop()
+            self._emulator = None
+
+
 class App:
-    """The sidecar: a registry of pipelines and the Push flow; implements receive.RelayHandler."""
+    """The sidecar: a registry of pipelines and the Push flow; implements receive.RelayHandler.
+
+    By default each pipeline gets ``PolicyFilter`` and a ``DeliverySink``; tests may plug in
+    their own filter and sink factories.
+    """
 
     def __init__(
         self,
         settings: ServerSettings,
         *,
-        filter_factory: FilterFactory = KeepEveryEventFilter,
-        sink_factory: SinkFactory = MemoryBufferSink.for_pipeline,
+        filter_factory: FilterFactory | None = None,
+        sink_factory: SinkFactory | None = None,
         deadletter_factory: DeadLetterFactory | None = None,
+        metrics: Metrics | None = None,
         offload: bool = True,
+        drain_seconds: float = DRAIN_SECONDS,
     ) -> None:
         self.settings = settings
-        self.filter_factory = filter_factory
+        self.filter_factory = filter_factory or self._policy_filter
         self.sink_factory = sink_factory
         self.deadletter_factory = deadletter_factory or deadletter_store_factory(settings)
+        self.metrics = metrics or Metrics()
+        self.emulator = EmbeddedEmulator(settings.state_dir / "emulator")
+        self.drain_seconds = drain_seconds
         self.pipelines: dict[str, Pipeline] = {}
         self._offload = offload
         # One thread: chunks are CPU-bound under the GIL; more threads would only contend.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auditrelay-decode")
         self._configure_lock = asyncio.Lock()
+        self._policies_logged: set[Path] = set()
 
     # -- RelayHandler --
 
     async def configure(
         self, properties: Mapping[str, str], instance_name: str, plugin_version: str
     ) -> str:
-        """Returns the pipeline for these properties, creating it the first time."""
+        """Returns the pipeline for these properties, creating (and starting) it the first time."""
         pipeline_settings = PipelineSettings.from_properties(properties, instance_name)
         pipeline_id = pipeline_id_for(instance_name, properties)
         async with self._configure_lock:
-            if pipeline_id not in self.pipelines:
-                self.pipelines[pipeline_id] = Pipeline(
-                    pipeline_id=pipeline_id,
-                    settings=pipeline_settings,
-                    event_filter=self._build_filter(pipeline_settings),
-                    sink=self.sink_factory(pipeline_settings, pipeline_id),
-                    dead_letters=self.deadletter_factory(pipeline_settings, pipeline_id),
+            created = pipeline_id not in self.pipelines
+            if created:
+                self.pipelines[pipeline_id] = await self._build_pipeline(
+                    pipeline_settings, pipeline_id
                 )
-                created = True
-            else:
-                created = False
         log.info(
             "pipeline_configured",
             pipeline_id=pipeline_id,
@@ -265,6 +317,15 @@ class App:
         )
         return pipeline_id
 
+    async def _build_pipeline(self, settings: PipelineSettings, pipeline_id: str) -> Pipeline:
+        event_filter = self._build_filter(settings)
+        dead_letters = self.deadletter_factory(settings, pipeline_id)
+        metrics = self.metrics.pipeline(pipeline_id)
+        sink = await self._build_sink(settings, pipeline_id, metrics, dead_letters)
+        if isinstance(sink, Startable):
+            await sink.start()
+        return Pipeline(pipeline_id, settings, event_filter, sink, dead_letters, metrics)
+
     def _build_filter(self, settings: PipelineSettings) -> EventFilter:
         """The pipeline's filter; a policy file that cannot be used is the `policy` property's fault."""
         try:
@@ -272,6 +333,35 @@ class App:
         except PolicyError as error:
             problem = PropertyProblem("policy", str(settings.policy), f"an audit policy: {error}")
             raise ConfigError([problem]) from error
+
+    def _policy_filter(self, settings: PipelineSettings) -> PolicyFilter:
+        """``PolicyFilter`` for the pipeline's policy; its warnings are logged once per file."""
+        event_filter = PolicyFilter.from_file(settings.policy)
+        warnings = event_filter.policy.policy.warnings
+        if warnings and settings.policy not in self._policies_logged:
+            self._policies_logged.add(settings.policy)
+            log.warning(
+                "policy_loaded_with_warnings", policy=str(settings.policy), warnings=warnings
+            )
+        return event_filter
+
+    async def _build_sink(
+        self,
+        settings: PipelineSettings,
+        pipeline_id: str,
+        metrics: PipelineMetrics,
+        dead_letters: DeadLetterSink,
+    ) -> EventSink:
+        if self.sink_factory is not None:
+            return self.sink_factory(settings, pipeline_id)
+        directory = self.settings.state_dir / "spool" / pipeline_id
+        if settings.uses_emulator:
+            return await self.emulator.sink_for(
+                settings, directory=directory, metrics=metrics, dead_letters=dead_letters
+            )
+        return DeliverySink(
+            settings, directory=directory, metrics=metrics, dead_letters=dead_letters
+        )
 
     async def push(self, pipeline_id: str, tag: str, chunk: bytes) -> PushResult:
         """Decodes, filters and stores one chunk; raises PipelineNotFoundError or SpoolError."""
@@ -283,13 +373,19 @@ class App:
         counters = pipeline.counters
         counters.chunks_received += 1
         counters.chunk_bytes_received += len(chunk)
+        pipeline.metrics.received_bytes.inc(len(chunk))
         outcome = await self._process(pipeline, tag, chunk)
         try:
             if outcome.kept:
                 await pipeline.sink.append(outcome.kept)
-        except SpoolError:
+        except SpoolError as error:
             counters.chunks_retry_later += 1
-            log.warning("chunk_deferred", pipeline_id=pipeline_id, events=len(outcome.kept))
+            log.warning(
+                "chunk_deferred",
+                pipeline_id=pipeline_id,
+                events=len(outcome.kept),
+                reason=str(error),
+            )
             raise
         return self._accepted(pipeline, tag, len(chunk), outcome)
 
@@ -310,6 +406,10 @@ class App:
         counters.events_accepted += len(outcome.kept)
         counters.events_filtered += outcome.filtered
         counters.events_invalid += invalid
+        metrics = pipeline.metrics
+        metrics.events_received.inc(outcome.received)
+        metrics.events_filtered.inc(outcome.filtered)
+        metrics.events_invalid.inc(invalid)
         by_reason: dict[str, int] = {}
         for letter in outcome.letters:
             by_reason[letter.reason] = by_reason.get(letter.reason, 0) + 1
@@ -344,18 +444,36 @@ class App:
         )
 
     def counters(self) -> dict[str, PipelineCounters]:
-        """Counters per pipeline id (the metrics module reads these)."""
+        """Counters per pipeline id."""
         return {pipeline_id: p.counters for pipeline_id, p in self.pipelines.items()}
 
+    def problems(self) -> list[str]:
+        """Why the sidecar is not ready (what /readyz answers): every pipeline's problems."""
+        return [
+            problem
+            for pipeline in list(self.pipelines.values())
+            if isinstance(pipeline.sink, HasProblems)
+            for problem in pipeline.sink.problems()
+        ]
+
     async def aclose(self) -> None:
-        """Releases every pipeline's resources and the worker thread."""
+        """Drains and stops every pipeline (together, within drain_seconds), then the emulator
+        and the worker thread."""
+        stops: list[Awaitable[None]] = []
         for pipeline in self.pipelines.values():
-            for part in (pipeline.event_filter, pipeline.sink):
-                if isinstance(part, Closable):
-                    await part.aclose()
+            if isinstance(pipeline.sink, Startable):
+                stops.append(pipeline.sink.stop(self.drain_seconds))
+            parts = (pipeline.event_filter, pipeline.sink)
+            stops.extend(part.aclose() for part in parts if isinstance(part, Closable))
+        results = await asyncio.gather(*stops, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                log.error("pipeline_stop_failed", error=str(result))
+        for pipeline in self.pipelines.values():
             close = getattr(pipeline.dead_letters, "close", None)
             if callable(close):
                 close()
+        await self.emulator.stop()
         self._executor.shutdown(wait=True)
 
 
@@ -388,17 +506,26 @@ async def serve(
     started: Callable[[str], None] | None = None,
     grace: float = SHUTDOWN_GRACE_SECONDS,
 ) -> None:
-    """Runs the sidecar until SIGTERM/SIGINT (or ``stop`` is set), then shuts down gracefully."""
+    """Runs the sidecar until SIGTERM/SIGINT (or ``stop`` is set), then shuts down gracefully:
+    stops taking chunks, drains the pipelines' spools for a while, stops the health server."""
     app = app or App(settings)
     stop = stop or asyncio.Event()
     server = RelayServer(settings, app)
+    health = HealthServer(app.metrics, app.problems, settings.metrics_address)
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
     for signum in signals:
         loop.add_signal_handler(signum, stop.set)
     try:
+        await _start_health(health, settings.metrics_address)
         address = await server.start()
-        log.info("server_started", listen=address, version=__version__, pid=os.getpid())
+        log.info(
+            "server_started",
+            listen=address,
+            metrics=health.url,
+            version=__version__,
+            pid=os.getpid(),
+        )
         if started is not None:
             started(address)
         await stop.wait()
@@ -409,4 +536,13 @@ async def serve(
             loop.remove_signal_handler(signum)
         await server.stop(0)
         await app.aclose()
+        await health.stop()
     log.info("server_stopped")
+
+
+async def _start_health(health: HealthServer, address: str) -> None:
+    try:
+        await health.start()
+    except OSError as error:
+        problem = PropertyProblem("metrics_address", address, f"a free host:port ({error})")
+        raise ConfigError([problem]) from error

@@ -22,7 +22,8 @@ import errno
 import os
 import socket
 import stat
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -422,3 +423,31 @@ class RelayServer:
                 path.unlink()
         except FileNotFoundError:
             pass
+
+
+def wait_until_serving(
+    address: str, timeout: float, *, alive: Callable[[], bool] = lambda: True
+) -> None:
+    """Blocks until the sidecar on the Unix socket ``address`` (``unix:///path``) reports the
+    Relay service SERVING through grpc.health.v1; raises TimeoutError after ``timeout`` seconds,
+    or RuntimeError as soon as ``alive()`` says the sidecar's process is gone."""
+    if not address.startswith("unix://"):
+        raise ValueError(f"{address!r}: expected unix:///path.sock")
+    deadline = time.monotonic() + timeout
+    target = "unix:" + address.removeprefix("unix://")
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if not alive():
+                raise RuntimeError(f"the sidecar at {address} exited while starting")
+            try:
+                reply = health.Check(
+                    health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                    timeout=0.5,
+                    wait_for_ready=True,
+                )
+            except grpc.RpcError:
+                continue
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+    raise TimeoutError(f"the sidecar at {address} did not serve within {timeout:g}s")

@@ -244,6 +244,13 @@ class Spool:
             return
         self._reclaim()
         used = self.used_bytes
+        if used == 0:
+            # One chunk larger than the whole limit would otherwise be refused forever; an
+            # empty spool takes it, so the limit is exceeded by at most one chunk.
+            log.warning(
+                "spool_limit_exceeded_by_one_chunk", directory=str(self.directory), bytes=needed
+            )
+            return
         if used + needed > self.limit_bytes:
             raise SpoolFullError(
                 f"spool {self.directory} is full: {used} of {self.limit_bytes} bytes in use, "

@@ -1,1 +1,1 @@
-"""Test harnesses: Fluent Bit's Go proxy in ctypes (flb_proxy) and the sidecar process (sidecar)."""
+"""Test harnesses: the sidecar process (sidecar). Fluent Bit's Go proxy is auditrelay.flbproxy."""

@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from auditrelay.flbproxy import build_plugin
 from fixtures.chunks import audit_line
-from harness.flb_proxy import build_plugin
 from harness.sidecar import Sidecar
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

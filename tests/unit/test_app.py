@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from auditrelay.app import (
-    App,
-    KeepEveryEventFilter,
-    MemoryBufferSink,
-    pipeline_id_for,
-)
+from auditrelay.app import App, pipeline_id_for
 from auditrelay.config import PipelineSettings, ServerSettings
 from auditrelay.deadletter import payload_of, read_letters
-from auditrelay.decode import Reason
-from auditrelay.errors import ConfigError, PolicyError, SpoolError, SpoolFullError
+from auditrelay.decode import Reason, decode_chunk
+from auditrelay.errors import ConfigError, SpoolError, SpoolFullError
+from auditrelay.filter import PolicyFilter
+from auditrelay.metrics import Metrics
 from auditrelay.model import AuditEvent, PushResult, PushStatus
 from auditrelay.receive import PipelineNotFoundError
+from auditrelay.sink import DeliverySink
 from fixtures import chunks
 from fixtures.chunks import audit_line, chunk, parsed_event, raw_log_event
 
@@ -31,6 +31,20 @@ class DropVerbFilter:
 
     def apply(self, event: AuditEvent) -> AuditEvent | None:
         return None if event.fields.get("verb") == self.verb else event
+
+
+class RecordingSink:
+    """An EventSink that keeps what it is given, for tests of the Push flow itself."""
+
+    def __init__(self) -> None:
+        self.events: list[AuditEvent] = []
+
+    async def append(self, events: Sequence[AuditEvent]) -> None:
+        self.events.extend(events)
+
+
+def recording_sink(_settings: PipelineSettings, _pipeline_id: str) -> RecordingSink:
+    return RecordingSink()
 
 
 class FailingSink:
@@ -56,6 +70,7 @@ async def _make_app(settings: ServerSettings) -> AsyncIterator[MakeApp]:
     apps: list[App] = []
 
     def make(**factories: Any) -> App:
+        factories.setdefault("sink_factory", recording_sink)
         app = App(settings, **factories)
         apps.append(app)
         return app
@@ -118,22 +133,24 @@ class TestConfigure:
         assert {} == app.pipelines
 
     async def test_unusable_policy_file_names_the_policy_property(
-        self, make_app: MakeApp, tmp_path: Path
+        self, app: App, tmp_path: Path
     ) -> None:
-        """A filter that cannot load its policy makes Configure fail on `policy`, with the path."""
+        """A policy file that cannot be used makes Configure fail on `policy`, with the path."""
         policy = tmp_path / "policy.yaml"
-        policy.write_text("kind: NotAPolicy\n")
+        policy.write_text("apiVersion: audit.k8s.io/v1\nkind: NotAPolicy\nrules: []\n")
 
-        def filter_factory(settings: PipelineSettings) -> KeepEveryEventFilter:
-            raise PolicyError(f"{settings.policy}: kind must be Policy")
-
-        app = make_app(filter_factory=filter_factory)
         with pytest.raises(ConfigError) as caught:
             await configured(app, policy=str(policy))
 
         assert [("policy", str(policy))] == [(p.property, p.value) for p in caught.value.problems]
-        assert "kind must be Policy" in caught.value.problems[0].expected
+        assert "Policy" in caught.value.problems[0].expected
         assert {} == app.pipelines
+
+    async def test_pipelines_filter_with_their_audit_policy(self, app: App) -> None:
+        """Without a policy property, a pipeline filters with the bundled audit policy."""
+        pipeline_id = await configured(app)
+
+        assert isinstance(app.pipelines[pipeline_id].event_filter, PolicyFilter)
 
     def test_pipeline_id_is_safe_as_a_directory_name(self) -> None:
         """Alias names with slashes or spaces cannot escape the state directory."""
@@ -146,13 +163,13 @@ class TestConfigure:
         """The integrator's factories get the parsed settings (and the id, for the sink)."""
         seen: list[tuple[str, str]] = []
 
-        def filter_factory(pipeline: PipelineSettings) -> KeepEveryEventFilter:
+        def filter_factory(pipeline: PipelineSettings) -> DropVerbFilter:
             seen.append(("filter", pipeline.stream))
-            return KeepEveryEventFilter(pipeline)
+            return DropVerbFilter("get")
 
-        def sink_factory(pipeline: PipelineSettings, pipeline_id: str) -> MemoryBufferSink:
+        def sink_factory(pipeline: PipelineSettings, pipeline_id: str) -> RecordingSink:
             seen.append(("sink", pipeline_id))
-            return MemoryBufferSink(1 << 20)
+            return RecordingSink()
 
         app = make_app(filter_factory=filter_factory, sink_factory=sink_factory)
         pipeline_id = await configured(app, stream="Custom-A_CL")
@@ -171,20 +188,21 @@ class TestPush:
         result = await app.push(pipeline_id, "kube.audit", data)
 
         sink = app.pipelines[pipeline_id].sink
-        assert isinstance(sink, MemoryBufferSink)
+        assert isinstance(sink, RecordingSink)
         assert PushResult(PushStatus.ACCEPTED, 2, 2, 0, 0) == result
-        assert ["a", "b"] == [event.fields["auditID"] for event in sink.take()]
+        assert ["a", "b"] == [event.fields["auditID"] for event in sink.events]
 
     @chunks.requires_real_chunks
     async def test_real_chunk_counts(self, app: App) -> None:
-        """The real Fluent Bit buffer: 82 events accepted, 39 set aside, all counted."""
+        """The real Fluent Bit buffer: of 82 events the bundled policy keeps 57 and drops 25; the
+        39 records that are not audit events are set aside; all counted."""
         pipeline_id = await configured(app)
 
         result = await app.push(pipeline_id, "kube.audit", chunks.REAL_CHUNK_RAW_LOG.read_bytes())
 
         counters = app.counters()[pipeline_id]
-        assert PushResult(PushStatus.ACCEPTED, 82, 82, 0, 39) == result
-        assert (1, 1, 121, 82, 39) == (
+        assert PushResult(PushStatus.ACCEPTED, 82, 57, 25, 39) == result
+        assert (1, 1, 121, 57, 39) == (
             counters.chunks_received,
             counters.chunks_accepted,
             counters.records_seen,
@@ -283,29 +301,95 @@ class TestPush:
         assert 2 == result.events_accepted
 
 
-class TestMemoryBufferSink:
-    """The stand-in sink until the spool exists: bounded, all or nothing."""
+async def wait_for(condition: Callable[[], bool], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.02)
 
-    async def test_full_buffer_refuses_the_whole_append(self) -> None:
-        """Events that do not fit are refused together, and nothing of them is kept."""
-        line = audit_line()
-        sink = MemoryBufferSink(limit_bytes=len(line) * 2)
-        event = AuditEvent({"auditID": "x"}, line)
 
-        await sink.append([event, event])
-        with pytest.raises(SpoolFullError, match="do not fit"):
-            await sink.append([event])
+class TestDefaultPipeline:
+    """Without factories: the policy filter, the durable spool and delivery; with no endpoint,
+    to the bundled emulator in this process."""
 
-        assert 2 == len(sink)
+    async def test_kept_events_reach_the_embedded_emulator(self, settings: ServerSettings) -> None:
+        """A pipeline without endpoint spools under state_dir/spool/<id> and delivers what the
+        policy kept to the emulator started under state_dir/emulator, once and for all
+        pipelines; /metrics counts what came in."""
+        metrics = Metrics()
+        app = App(settings, metrics=metrics)
+        try:
+            pipeline_id = await configured(app, batch_interval="50ms")
+            other = await configured(app, batch_interval="50ms", stream="Custom-KubeAudit_CL")
+            data = chunks.REAL_CHUNK_RAW_LOG.read_bytes()
+            result = await app.push(pipeline_id, "kube.audit", data)
+            emulator = app.emulator.running
+            assert emulator is not None
+            await emulator.wait_for_rows(result.events_accepted, within=30)
+            sink = app.pipelines[pipeline_id].sink
+            assert isinstance(sink, DeliverySink)
+            await wait_for(lambda: sink.spool.pending_bytes == 0, 10, "the acknowledgement")
+            sample = metrics.registry.get_sample_value
+            labels = {"pipeline": pipeline_id}
+            assert (82.0, 25.0, 39.0, float(len(data)), 57.0) == (
+                sample("auditrelay_events_received_total", labels),
+                sample("auditrelay_events_filtered_total", labels),
+                sample("auditrelay_events_invalid_total", labels),
+                sample("auditrelay_received_bytes_total", labels),
+                sample("auditrelay_events_delivered_total", labels),
+            )
+            assert [] == app.problems()
+            assert (settings.state_dir / "emulator") == emulator.state_dir
+            assert sink.directory == settings.state_dir / "spool" / pipeline_id
+            assert other != pipeline_id
+        finally:
+            await app.aclose()
+        kept = [
+            event.fields["auditID"]
+            for event in decode_chunk(data, "kube.audit").events
+            if PolicyFilter.from_file(app.pipelines[pipeline_id].settings.policy).apply(event)
+        ]
+        assert sorted(kept) == sorted(str(row.audit_id) for row in emulator.store.rows())
 
-    async def test_take_frees_the_space(self) -> None:
-        """Taking the events makes room again."""
-        line = audit_line()
-        sink = MemoryBufferSink(limit_bytes=len(line))
-        event = AuditEvent({"auditID": "x"}, line)
-        await sink.append([event])
+    async def test_shutdown_delivers_what_the_spool_holds(self, settings: ServerSettings) -> None:
+        """Events accepted just before shutdown are delivered while the app drains its spools
+        (a long batch_interval would otherwise hold them)."""
+        app = App(settings)
+        pipeline_id = await configured(app, batch_interval="1h")
+        result = await app.push(pipeline_id, "t", chunk([parsed_event(audit_id="last")]))
+        emulator = app.emulator.running
+        assert emulator is not None
+        store = emulator.store
 
-        taken = sink.take()
-        await sink.append([event])
+        await app.aclose()
 
-        assert ([event], 1) == (taken, len(sink))
+        assert 1 == result.events_accepted
+        assert ["last"] == [row.audit_id for row in store.rows()]
+
+    async def test_a_pipeline_that_cannot_deliver_is_reported_not_ready(
+        self, settings: ServerSettings
+    ) -> None:
+        """A real endpoint that refuses connections makes the pipeline not ready once delivery
+        has failed for not_ready_after; the events stay in the spool."""
+        app = App(settings, drain_seconds=0)
+        try:
+            pipeline_id = await configured(
+                app,
+                endpoint="https://127.0.0.1:9",
+                dcr_id="dcr-" + "0" * 32,
+                auth="client_secret",
+                authority_host="https://127.0.0.1:9",
+                tenant_id="t",
+                client_id="c",
+                client_secret="s",
+                batch_interval="10ms",
+                not_ready_after="100ms",
+            )
+            await app.push(pipeline_id, "t", chunk([parsed_event(audit_id="held")]))
+            await wait_for(lambda: bool(app.problems()), 30, "the pipeline to turn not ready")
+            [problem] = app.problems()
+            assert problem.startswith("pipeline auditrelay.0: delivery failing for ")
+            assert app.emulator.running is None
+        finally:
+            await app.aclose()

@@ -123,3 +123,17 @@ def test_readers_see_rows_while_the_writer_is_open(store: Store) -> None:
     reader = Store(store.path)
 
     assert 1 == reader.count()
+
+
+def test_a_store_named_by_a_relative_path_can_be_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`auditrelay emulator rows --state-dir .state/x` works: readers need an absolute path."""
+    monkeypatch.chdir(tmp_path)
+    writer = Store.in_directory(Path("state"))
+    Path("state").mkdir()
+    writer.open_for_writing()
+    writer.record(attempt(rows=1), [("a-1", None, orjson.dumps({"auditID": "a-1"}))])
+    writer.close()
+
+    assert [{"auditID": "a-1"}] == [row.row for row in Store.in_directory(Path("state")).rows()]

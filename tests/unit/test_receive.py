@@ -24,6 +24,7 @@ from auditrelay.receive import (
     PipelineNotFoundError,
     RelayServer,
     prepare_socket_path,
+    wait_until_serving,
 )
 from auditrelay.v1 import relay_pb2, relay_pb2_grpc
 from fixtures.certs import Pki, make_pki
@@ -536,3 +537,27 @@ class TestHealthAndShutdown:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await in_flight
         assert caught.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+
+
+class TestWaitUntilServing:
+    """The readiness probe the demo (and anything starting serve) uses: grpc.health.v1."""
+
+    async def test_returns_once_the_relay_serves(
+        self, server: RelayServer, settings: ServerSettings
+    ) -> None:
+        """A serving sidecar is found through its health service."""
+        await asyncio.to_thread(wait_until_serving, settings.listen, 10.0)
+
+    async def test_times_out_when_nothing_listens(self, socket_dir: Path) -> None:
+        """No sidecar: TimeoutError after the deadline, naming the address."""
+        address = f"unix://{socket_dir}/absent.sock"
+
+        with pytest.raises(TimeoutError, match=r"absent\.sock did not serve within 0\.3s"):
+            await asyncio.to_thread(wait_until_serving, address, 0.3)
+
+    async def test_stops_waiting_when_the_process_is_gone(self, socket_dir: Path) -> None:
+        """A sidecar process that exited is reported at once, not after the deadline."""
+        address = f"unix://{socket_dir}/absent.sock"
+
+        with pytest.raises(RuntimeError, match="exited while starting"):
+            await asyncio.to_thread(wait_until_serving, address, 30.0, alive=lambda: False)

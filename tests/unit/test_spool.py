@@ -100,6 +100,17 @@ def test_a_full_spool_refuses_appends_until_rows_are_delivered(spool_dir: Path) 
     spool.close()
 
 
+def test_an_empty_spool_takes_one_chunk_larger_than_its_limit(spool_dir: Path) -> None:
+    """A chunk bigger than spool_limit is not refused forever: an empty spool takes it alone."""
+    spool = Spool(spool_dir, limit_bytes=4 << 10, segment_bytes=1 << 20)
+    big = rows(0, 200)
+    spool.append(big)
+    with pytest.raises(SpoolFullError):
+        spool.append(rows(200, 1))
+    assert big == drain(spool)
+    spool.close()
+
+
 def test_a_spool_whose_rows_are_all_delivered_is_never_full(spool_dir: Path) -> None:
     """Delivered rows in the current segment do not count against the limit for long."""
     spool = Spool(spool_dir, limit_bytes=16 << 10, segment_bytes=1 << 20)

@@ -148,7 +148,7 @@ class Store:
     """The emulator's SQLite database in ``state_dir``."""
 
     def __init__(self, path: Path, mode: StoreMode = StoreMode.FULL) -> None:
-        self.path = path
+        self.path = path.absolute()  # readers open it by file: URI, which must be absolute
         self.mode = mode
         self._writer: sqlite3.Connection | None = None
 

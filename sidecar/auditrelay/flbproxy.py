@@ -1,5 +1,8 @@
 """Fluent Bit's Go output proxy, in ctypes: loads a plugin .so and drives it the way Fluent Bit does.
 
+Used by ``auditrelay demo``, the plugin tests and the benchmarks to run out_auditrelay.so
+without a Fluent Bit binary.
+
 What Fluent Bit does (fluent/fluent-bit ``src/flb_plugin_proxy.c``, ``src/proxy/go/go.c``,
 ``src/flb_output.c``), and this module after it:
 
@@ -488,7 +491,7 @@ def _read_config_map(address: int) -> list[ConfigMapItem]:
     raise AssertionError("unreachable")
 
 
-# --- the plugin under test --------------------------------------------------------------------
+# --- the plugin of this checkout ---------------------------------------------------------------
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 PLUGIN_PATH: Final = REPO_ROOT / "fluent-bit" / "out_auditrelay.so"
