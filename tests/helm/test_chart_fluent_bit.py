@@ -30,8 +30,8 @@ from typing import Any
 
 import pytest
 import yaml
+from auditrelay.flbproxy import build_plugin
 from fixtures.chunks import audit_line
-from harness.flb_proxy import build_plugin
 from harness.sidecar import Sidecar
 
 from helm.conftest import Render, Rendered, ci_file, parse_classic
@@ -89,6 +89,7 @@ class ChartFluentBit:
         self, config_files: Mapping[str, str], args: Sequence[str], workdir: Path, sidecar: Sidecar
     ) -> None:
         self.workdir = workdir
+        self.sidecar = sidecar
         self.audit_log = workdir / "audit.log"
         self.log_path = workdir / "fluent-bit.log"
         self.port = free_port()
@@ -163,6 +164,10 @@ class ChartFluentBit:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def logs(self) -> str:
+        """Fluent Bit's log and the sidecar's, for a failure message."""
+        return f"fluent-bit:\n{self.log_text()}\nsidecar:\n{self.sidecar.log_text()}"
+
 
 def events_accepted(sidecar: Sidecar) -> int:
     return sum(int(event["events_accepted"]) for event in sidecar.events("chunk_accepted"))
@@ -176,7 +181,14 @@ def workdir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def sidecar(workdir: Path) -> Iterator[Sidecar]:
+def sidecar(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Sidecar]:
+    """The real sidecar on a Unix socket, in the environment the workload identity webhook gives
+    the pod (the chart's default identity): a federated token file and the tenant."""
+    token = workdir / "azure-identity-token"
+    token.write_text("a-projected-service-account-token")
+    monkeypatch.setenv("AZURE_FEDERATED_TOKEN_FILE", str(token))
+    monkeypatch.setenv("AZURE_TENANT_ID", "00000000-0000-0000-0000-000000000002")
+    monkeypatch.setenv("AZURE_CLIENT_ID", "00000000-0000-0000-0000-000000000001")
     started = Sidecar.on_socket(workdir / "relay.sock", workdir / "sidecar")
     started.start()
     yield started
@@ -210,10 +222,10 @@ def test_rendered_configuration_ships_audit_events_and_answers_the_probes(
     with chart_fluent_bit(render, ci_file("default-values"), workdir, sidecar) as fluent_bit:
         fluent_bit.append_events(30)
         fluent_bit.start()
-        wait_for(lambda: events_accepted(sidecar) == 30, "30 events accepted", fluent_bit.log_text)
+        wait_for(lambda: events_accepted(sidecar) == 30, "30 events accepted", fluent_bit.logs)
         for path in [*probe_paths, "/api/v2/metrics/prometheus"]:
             url = fluent_bit.url(path)
-            wait_for(functools.partial(answers_ok, url), f"200 from {path}", fluent_bit.log_text)
+            wait_for(functools.partial(answers_ok, url), f"200 from {path}", fluent_bit.logs)
         assert 0 == fluent_bit.stop()
         log = fluent_bit.log_text()
         assert "[output:auditrelay:auditrelay.0] connected to the sidecar at" in log
@@ -230,15 +242,15 @@ def test_hot_reload_values_reload_through_the_reloaders_url(
         assert "--enable-hot-reload" in fluent_bit.args
         fluent_bit.append_events(10)
         fluent_bit.start()
-        wait_for(lambda: events_accepted(sidecar) == 10, "10 events accepted", fluent_bit.log_text)
+        wait_for(lambda: events_accepted(sidecar) == 10, "10 events accepted", fluent_bit.logs)
         assert 200 == http_status(fluent_bit.url("/api/v2/reload"), method="POST")
         wait_for(
             lambda: "[reload] successful reload done" in fluent_bit.log_text(),
             "a successful reload",
-            fluent_bit.log_text,
+            fluent_bit.logs,
         )
         fluent_bit.append_events(10)
-        wait_for(lambda: events_accepted(sidecar) == 20, "20 events accepted", fluent_bit.log_text)
+        wait_for(lambda: events_accepted(sidecar) == 20, "20 events accepted", fluent_bit.logs)
         assert 0 == fluent_bit.stop()
 
 
@@ -310,7 +322,7 @@ def test_pattern_b_configuration_ships_audit_events(workdir: Path, sidecar: Side
     try:
         fluent_bit.append_events(12)
         fluent_bit.start()
-        wait_for(lambda: events_accepted(sidecar) == 12, "12 events accepted", fluent_bit.log_text)
+        wait_for(lambda: events_accepted(sidecar) == 12, "12 events accepted", fluent_bit.logs)
         assert 0 == fluent_bit.stop()
         assert "[error]" not in fluent_bit.log_text()
     finally:
