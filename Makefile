@@ -37,12 +37,21 @@ lint: ## Lint and type-check everything (ruff, mypy --strict, import-linter, go 
 	cd fluent-bit && $(GO) vet ./...
 	cd tests/conformance && $(GO) vet ./...
 	cd tests/controlplane && $(GO) vet ./etcd ./loadgen
+	cd tests/helm/kubecheck && $(GO) vet ./...
 	@test -z "$$(gofmt -l fluent-bit tests)" || { gofmt -l fluent-bit tests; echo "gofmt: files above need formatting"; exit 1; }
 
 .PHONY: test
-test: $(PLUGIN) ## Run every test but the control-plane ones (Go with -race, then pytest)
+test: $(PLUGIN) helm-tools ## Run every test but the control-plane ones (Go with -race, then pytest)
 	cd fluent-bit && CGO_ENABLED=1 $(GO) test -race ./...
 	$(PYTHON) -m pytest -m "not controlplane"
+
+.PHONY: helm-tools
+helm-tools: ## Build helm (pinned) and kubecheck for the chart tests (cached in tests/helm/.cache)
+	$(PYTHON) tests/helm/build.py
+
+.PHONY: helm-test
+helm-test: $(PLUGIN) helm-tools ## Chart tests: lint and render every ci/ values file, strict decoding, schema current
+	$(PYTHON) -m pytest tests/helm
 
 .PHONY: controlplane
 controlplane: ## Build the test control plane (kube-apiserver & co. from the pinned release; cached)

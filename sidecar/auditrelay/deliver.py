@@ -148,7 +148,21 @@ def secret_credential_factory(
 def build_credential(
     settings: PipelineSettings, transport: AioHttpTransport
 ) -> AsyncTokenCredential:
-    """The azure-identity credential the ``auth`` property selects, on the shared transport."""
+    """The azure-identity credential the ``auth`` property selects, on the shared transport.
+
+    azure-identity refuses incomplete settings with ValueError (workload identity without
+    AZURE_TENANT_ID, say); that is a configuration error of ``auth``, named as such.
+    """
+    try:
+        return _credential_for(settings, transport)
+    except ValueError as error:
+        expected = f"settings azure-identity can use for it: {error}"
+        raise ConfigError([PropertyProblem("auth", settings.auth.value, expected)]) from error
+
+
+def _credential_for(
+    settings: PipelineSettings, transport: AioHttpTransport
+) -> AsyncTokenCredential:
     common: dict[str, Any] = {"authority": settings.authority_host, "transport": transport}
     if settings.authority_host not in CLOUD_AUTHORITY.values():
         # A private authority (the emulator, a proxy) has no instance metadata to discover.
@@ -278,9 +292,14 @@ class IngestionClient:
             connector=connector, auto_decompress=False, trace_configs=[tracing]
         )
         transport = AioHttpTransport(session=self._session, session_owner=False)
-        self._credential = self._credential_factory(
-            AioHttpTransport(session=self._session, session_owner=False)
-        )
+        try:
+            self._credential = self._credential_factory(
+                AioHttpTransport(session=self._session, session_owner=False)
+            )
+        except BaseException:
+            await self._session.close()
+            self._session = None
+            raise
         self._client = LogsIngestionClient(
             self.destination.endpoint,
             self._credential,

@@ -112,13 +112,14 @@ class DeliverySink:
             sync=self.settings.spool_sync is SpoolSync.ALWAYS,
             on_corrupt=self._on_corrupt,
         )
-        self._client = IngestionClient(
-            self._destination,
-            self._credential_factory,
-            request_timeout=self.settings.request_timeout,
-            on_connection=self.metrics.connections_opened.inc,
-        )
-        await self._client.open()
+        try:
+            client = await self._open_client()
+        except BaseException:
+            # Release the spool (and its lock) so that a corrected Configure can open it again.
+            await asyncio.to_thread(self._spool.close)
+            self._spool = None
+            raise
+        self._client = client
         self._deliverer = Deliverer(
             self._client,
             self._split,
@@ -137,6 +138,16 @@ class DeliverySink:
             stream=self._destination.stream,
             backlog_bytes=self._spool.pending_bytes,
         )
+
+    async def _open_client(self) -> IngestionClient:
+        client = IngestionClient(
+            self._destination,
+            self._credential_factory,
+            request_timeout=self.settings.request_timeout,
+            on_connection=self.metrics.connections_opened.inc,
+        )
+        await client.open()
+        return client
 
     async def stop(self, drain_seconds: float = DEFAULT_DRAIN_SECONDS) -> None:
         """Delivers what the spool holds for up to ``drain_seconds``, then stops; the rest waits

@@ -223,7 +223,23 @@ def test_a_chunk_arrives_byte_for_byte(proxy: GoProxy, sidecar: Sidecar) -> None
 
 def test_spool_full_is_a_retry(proxy: GoProxy, sidecar: Sidecar) -> None:
     """RETRY_LATER (the pipeline cannot take more) maps to FLB_RETRY: Fluent Bit keeps the chunk."""
-    instance = proxy.init(section(sidecar, spool_limit="1k"))
+    unreachable = "https://127.0.0.1:1"  # nothing is delivered, so the spool stays full
+    instance = proxy.init(
+        section(
+            sidecar,
+            spool_limit="1k",
+            endpoint=unreachable,
+            dcr_id="dcr-" + "0" * 32,
+            auth="client_secret",
+            authority_host=unreachable,
+            tenant_id="tenant",
+            client_id="client",
+            client_secret="not-a-real-secret",
+        )
+    )
+    # An empty spool takes one chunk over its limit (else that chunk would be refused forever);
+    # the next one has to wait.
+    assert Result.OK == proxy.flush(instance, REAL_CHUNK_PARSED.read_bytes(), TAG)
     assert Result.RETRY == proxy.flush(instance, REAL_CHUNK_PARSED.read_bytes(), TAG)
     [line] = proxy.lines(Level.WARN)
     assert line.startswith(

@@ -92,6 +92,27 @@ async def configured(app: App, **properties: str) -> str:
 class TestConfigure:
     """Configure returns a pipeline id; identical requests share one pipeline."""
 
+    async def test_an_identity_azure_cannot_use_is_an_error_of_auth_every_time(
+        self, make_app: MakeApp, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Workload identity without its settings names `auth`, also when the plugin retries.
+
+        The failed attempt must not keep the pipeline's spool locked: the retry meets the same
+        configuration error, not "spool in use".
+        """
+        for name in ("AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_FEDERATED_TOKEN_FILE"):
+            monkeypatch.delenv(name, raising=False)
+        app = make_app(sink_factory=None)
+        properties = {
+            "endpoint": "https://127.0.0.1:1",
+            "dcr_id": "dcr-" + "0" * 32,
+            "auth": "workload_identity",
+        }
+        for _attempt in range(2):
+            with pytest.raises(ConfigError) as raised:
+                await configured(app, **properties)
+            assert ["auth"] == [problem.property for problem in raised.value.problems]
+
     async def test_identical_configure_returns_the_same_pipeline(self, app: App) -> None:
         """A plugin that configures again (after NOT_FOUND, or a hot reload) keeps its pipeline."""
         first = await configured(app, stream="Custom-A_CL")
