@@ -433,21 +433,27 @@ def wait_until_serving(
     or RuntimeError as soon as ``alive()`` says the sidecar's process is gone."""
     if not address.startswith("unix://"):
         raise ValueError(f"{address!r}: expected unix:///path.sock")
+    with grpc.insecure_channel("unix:" + address.removeprefix("unix://")) as channel:
+        wait_for_health(channel, timeout, alive=alive, where=address)
+
+
+def wait_for_health(
+    channel: grpc.Channel, timeout: float, *, alive: Callable[[], bool], where: str
+) -> None:
+    """``wait_until_serving`` on a channel of the caller's (any address, TLS or not)."""
     deadline = time.monotonic() + timeout
-    target = "unix:" + address.removeprefix("unix://")
-    with grpc.insecure_channel(target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if not alive():
-                raise RuntimeError(f"the sidecar at {address} exited while starting")
-            try:
-                reply = health.Check(
-                    health_pb2.HealthCheckRequest(service=SERVICE_NAME),
-                    timeout=0.5,
-                    wait_for_ready=True,
-                )
-            except grpc.RpcError:
-                continue
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-    raise TimeoutError(f"the sidecar at {address} did not serve within {timeout:g}s")
+    health = health_pb2_grpc.HealthStub(channel)
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError(f"the sidecar at {where} exited while starting")
+        try:
+            reply = health.Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                timeout=0.5,
+                wait_for_ready=True,
+            )
+        except grpc.RpcError:
+            continue
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            return
+    raise TimeoutError(f"the sidecar at {where} did not serve within {timeout:g}s")

@@ -9,17 +9,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
 import grpc
 import orjson
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from auditrelay.receive import wait_for_health
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
-RELAY_SERVICE: Final = "auditrelay.v1.Relay"
 START_TIMEOUT_SECONDS: Final = 30.0
 
 
@@ -84,23 +82,20 @@ class Sidecar:
 
     def wait_serving(self, timeout: float) -> None:
         """Polls the health service until SERVING; fails early when the process exits."""
-        deadline = time.monotonic() + timeout
         with self._channel() as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.process is None or self.process.poll() is not None:
-                    raise SidecarError(f"the sidecar exited while starting:\n{self.log_text()}")
-                try:
-                    reply = health.Check(
-                        health_pb2.HealthCheckRequest(service=RELAY_SERVICE),
-                        timeout=0.5,
-                        wait_for_ready=True,
-                    )
-                except grpc.RpcError:
-                    continue
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-        raise SidecarError(f"the sidecar did not serve within {timeout}s:\n{self.log_text()}")
+            try:
+                wait_for_health(channel, timeout, alive=self._running, where=self.address)
+            except RuntimeError:
+                raise SidecarError(
+                    f"the sidecar exited while starting:\n{self.log_text()}"
+                ) from None
+            except TimeoutError:
+                raise SidecarError(
+                    f"the sidecar did not serve within {timeout}s:\n{self.log_text()}"
+                ) from None
+
+    def _running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     def stop(self) -> None:
         """SIGTERM, then waits for a graceful exit."""
