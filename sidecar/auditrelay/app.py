@@ -23,7 +23,8 @@ first time a pipeline needs it). Sinks start on Configure and, at shutdown, deli
 hold for up to ``drain_seconds`` before they stop; the rest waits in the spool.
 
 ``EventFilter.apply`` runs on the single decode thread (never concurrently with itself);
-``EventSink.append`` runs on the event loop.
+``EventSink.append`` runs on the event loop; a ``RowSink``'s ``RowWriter`` is filled and
+committed on the decode thread.
 """
 
 from __future__ import annotations
