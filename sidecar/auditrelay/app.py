@@ -6,6 +6,11 @@ and other pushes while a multi-megabyte chunk is decoded)::
     decode -> EventFilter.apply per event -> dead letters to the DeadLetterSink
            -> EventSink.append(kept events) (on the loop) -> PushResult
 
+When the sink is a ``model.RowSink`` (``DeliverySink`` is), the whole chunk is one worker call:
+each event is decoded, filtered and encoded to its row before the next is decoded (its fields
+are freed at once), and the rows are appended to the spool on the same thread. One thread
+hand-off per chunk instead of several, and never a whole chunk of decoded events in memory.
+
 A chunk that is not msgpack at all is set aside whole and ACCEPTED: retrying cannot help, and
 REJECTED (FLB_ERROR) would make Fluent Bit drop it without a trace. The sink raising
 ``SpoolError`` (``SpoolFullError`` when full) becomes RETRY_LATER in ``receive``.
@@ -18,7 +23,8 @@ first time a pipeline needs it). Sinks start on Configure and, at shutdown, deli
 hold for up to ``drain_seconds`` before they stop; the rest waits in the spool.
 
 ``EventFilter.apply`` runs on the single decode thread (never concurrently with itself);
-``EventSink.append`` runs on the event loop.
+``EventSink.append`` runs on the event loop; a ``RowSink``'s ``RowWriter`` is filled and
+committed on the decode thread.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ import structlog
 from auditrelay import __version__
 from auditrelay.config import PROPERTY_BY_NAME, Owner, PipelineSettings, Property, ServerSettings
 from auditrelay.deadletter import DeadLetterStore
-from auditrelay.decode import Reason, decode_chunk
+from auditrelay.decode import ChunkStream, Reason
 from auditrelay.deliver import Destination, secret_credential_factory
 from auditrelay.emulator import Emulator, EmulatorSettings
 from auditrelay.errors import (
@@ -62,6 +68,7 @@ from auditrelay.model import (
     EventSink,
     PushResult,
     PushStatus,
+    RowSink,
 )
 from auditrelay.receive import PipelineNotFoundError, RelayServer
 from auditrelay.sink import DeliverySink
@@ -147,12 +154,14 @@ class Pipeline:
 class _Outcome:
     """What the worker thread made of a chunk."""
 
-    kept: list[AuditEvent]
+    kept: list[AuditEvent]  # for a sink that is not a RowSink; a RowSink has them already
+    accepted: int
     received: int
     filtered: int
     letters: list[DeadLetter]
     not_msgpack: str = ""
     records_seen: int = 0
+    deferred: SpoolError | None = None  # the RowSink's append failed
 
 
 _UNSAFE_ID_CHARS: Final = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -376,6 +385,8 @@ class App:
         pipeline.metrics.received_bytes.inc(len(chunk))
         outcome = await self._process(pipeline, tag, chunk)
         try:
+            if outcome.deferred is not None:
+                raise outcome.deferred
             if outcome.kept:
                 await pipeline.sink.append(outcome.kept)
         except SpoolError as error:
@@ -383,7 +394,7 @@ class App:
             log.warning(
                 "chunk_deferred",
                 pipeline_id=pipeline_id,
-                events=len(outcome.kept),
+                events=outcome.accepted,
                 reason=str(error),
             )
             raise
@@ -403,7 +414,7 @@ class App:
         counters.chunks_accepted += 1
         counters.records_seen += outcome.records_seen
         counters.events_received += outcome.received
-        counters.events_accepted += len(outcome.kept)
+        counters.events_accepted += outcome.accepted
         counters.events_filtered += outcome.filtered
         counters.events_invalid += invalid
         metrics = pipeline.metrics
@@ -424,7 +435,7 @@ class App:
             tag=tag,
             bytes=size,
             events_received=outcome.received,
-            events_accepted=len(outcome.kept),
+            events_accepted=outcome.accepted,
             events_filtered=outcome.filtered,
             events_invalid=invalid,
             invalid_reasons=by_reason,
@@ -437,7 +448,7 @@ class App:
         return PushResult(
             status=PushStatus.ACCEPTED,
             events_received=outcome.received,
-            events_accepted=len(outcome.kept),
+            events_accepted=outcome.accepted,
             events_filtered=outcome.filtered,
             events_invalid=invalid,
             message=message,
@@ -478,21 +489,46 @@ class App:
 
 
 def _process_chunk(pipeline: Pipeline, tag: str, chunk: bytes) -> _Outcome:
-    """Decode and filter, on the worker thread; dead letters are made durable here too."""
+    """Decode and filter (and, for a RowSink, encode and append), on the worker thread; dead
+    letters are made durable here too."""
+    stream = ChunkStream(chunk, tag)
+    apply = pipeline.event_filter.apply
+    sink = pipeline.sink
+    writer = sink.rows() if isinstance(sink, RowSink) else None
+    kept: list[AuditEvent] = []
+    received = accepted = 0
     try:
-        decoded = decode_chunk(chunk, tag)
-    except DecodeError as error:
+        if writer is None:
+            for event in stream:
+                received += 1
+                lowered = apply(event)
+                if lowered is not None:
+                    kept.append(lowered)
+            accepted = len(kept)
+        else:
+            add = writer.add
+            for event in stream:
+                received += 1
+                lowered = apply(event)
+                if lowered is not None:
+                    accepted += 1
+                    add(lowered)
+    except DecodeError as error:  # raised before any event: the chunk is not msgpack at all
         letters = [DeadLetter(Reason.NOT_MSGPACK, chunk, tag)]
         pipeline.dead_letters.put(letters)
-        return _Outcome([], 0, 0, letters, not_msgpack=str(error), records_seen=1)
-    apply = pipeline.event_filter.apply
-    kept = [lowered for event in decoded.events if (lowered := apply(event)) is not None]
-    if decoded.dead_letters:
-        pipeline.dead_letters.put(decoded.dead_letters)
-    received = len(decoded.events)
-    return _Outcome(
-        kept, received, received - len(kept), decoded.dead_letters, "", decoded.records_seen
+        return _Outcome([], 0, 0, 0, letters, not_msgpack=str(error), records_seen=1)
+    letters = stream.dead_letters
+    if letters:
+        pipeline.dead_letters.put(letters)
+    outcome = _Outcome(
+        kept, accepted, received, received - accepted, letters, "", stream.records_seen
     )
+    if writer is not None and accepted:
+        try:
+            writer.commit()
+        except SpoolError as error:
+            outcome.deferred = error
+    return outcome
 
 
 # --- the serve process -------------------------------------------------------------------------

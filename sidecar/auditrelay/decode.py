@@ -19,6 +19,7 @@ event is refused whole (``DecodeError``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Final
 
 import msgpack
@@ -74,16 +75,48 @@ class Reason:
     )
 
 
-class _UndecodableError(Exception):
-    """Internal: a string of the chunk is not UTF-8; decode again the slow, careful way."""
-
-
 def decode_chunk(chunk: bytes, tag: str = "") -> DecodedChunk:
     """Decodes one Fluent Bit chunk; raises DecodeError when it is not an event stream at all."""
-    try:
-        return _decode(chunk, tag, careful=False)
-    except _UndecodableError:
-        return _decode(chunk, tag, careful=True)
+    stream = ChunkStream(chunk, tag)
+    events = list(stream)
+    return DecodedChunk(events, stream.dead_letters, stream.records_seen)
+
+
+class ChunkStream:
+    """The audit events of one chunk, one at a time, so each can be filtered, encoded and freed
+    before the next is decoded (a chunk's events all alive at once are tens of MB of dicts).
+
+    Iterate it once; ``dead_letters`` and ``records_seen`` are complete when the iteration ends.
+    The iteration raises DecodeError, before yielding anything, when the chunk is not an event
+    stream at all.
+    """
+
+    def __init__(self, chunk: bytes, tag: str = "") -> None:
+        self.chunk = chunk
+        self.tag = tag
+        self.dead_letters: list[DeadLetter] = []
+        self.records_seen = 0
+
+    def __iter__(self) -> Iterator[AuditEvent]:
+        progress = _Progress(0)
+        try:
+            yield from _decode(self, progress, careful=False)
+        except _UndecodableError:
+            # The events before ``progress.end`` decoded cleanly; go on from there carefully.
+            yield from _decode(self, progress, careful=True)
+
+
+class _UndecodableError(Exception):
+    """Internal: a string of the chunk is not UTF-8; decode on the slow, careful way."""
+
+
+class _Progress:
+    """Where the decoding of a chunk has got to (absolute offsets in the chunk)."""
+
+    __slots__ = ("end",)
+
+    def __init__(self, end: int) -> None:
+        self.end = end
 
 
 def _event_time_seconds(code: int, data: bytes) -> Any:
@@ -93,34 +126,36 @@ def _event_time_seconds(code: int, data: bytes) -> Any:
     return msgpack.ExtType(code, data)
 
 
-def _decode(chunk: bytes, tag: str, *, careful: bool) -> DecodedChunk:
+def _decode(stream: ChunkStream, progress: _Progress, *, careful: bool) -> Iterator[AuditEvent]:
+    """Yields the events of ``stream.chunk`` from ``progress.end`` on; ``progress.end`` follows
+    the last event read, so that a strict pass that meets non-UTF-8 text can be resumed there."""
+    chunk, tag = stream.chunk, stream.tag
+    base = progress.end
     unpacker = msgpack.Unpacker(
         raw=False,
         ext_hook=_event_time_seconds,
         # surrogateescape keeps the stream aligned past bad bytes; each record is then checked.
         unicode_errors="surrogateescape" if careful else "strict",
         strict_map_key=False,
-        max_buffer_size=max(len(chunk), 1),
+        max_buffer_size=max(len(chunk) - base, 1),
     )
-    unpacker.feed(chunk)
-    decoded = DecodedChunk()
-    events = decoded.events
-    letters = decoded.dead_letters
-    end = 0
-    records = 0
+    unpacker.feed(memoryview(chunk)[base:] if base else chunk)
+    letters = stream.dead_letters
+    end = base
     tell = unpacker.tell
     try:
         for item in unpacker:
-            start, end = end, tell()
+            start, end = end, base + tell()
+            progress.end = end
             reason = _event_problem(item)
             if reason is None:
                 record: dict[Any, Any] = item[1]
-                records += 1
+                stream.records_seen += 1
                 result = _audit_event(record, careful)
                 if isinstance(result, str):
                     letters.append(_letter(result, record, chunk[start:end], tag))
                 else:
-                    events.append(result)
+                    yield result
             elif reason is _GROUP_MARKER:
                 continue
             elif type(item) is not list:
@@ -128,12 +163,12 @@ def _decode(chunk: bytes, tag: str, *, careful: bool) -> DecodedChunk:
                 # on (text read as msgpack would otherwise become one letter per byte).
                 if start == 0:
                     raise DecodeError("the chunk does not start with a Fluent Bit event")
-                records += 1
+                stream.records_seen += 1
                 letters.append(DeadLetter(Reason.MALFORMED_MSGPACK, chunk[start:], tag))
                 end = len(chunk)
                 break
             else:
-                records += 1
+                stream.records_seen += 1
                 letters.append(DeadLetter(reason, chunk[start:end], tag))
     except UnicodeDecodeError as error:
         if careful:  # cannot happen with surrogateescape; kept so a bug cannot loop
@@ -143,15 +178,13 @@ def _decode(chunk: bytes, tag: str, *, careful: bool) -> DecodedChunk:
         if end == 0:
             raise DecodeError(f"the chunk is not msgpack: {error}") from error
         letters.append(DeadLetter(Reason.MALFORMED_MSGPACK, chunk[end:], tag))
-        records += 1
+        stream.records_seen += 1
         end = len(chunk)
     if end < len(chunk):
         if end == 0:
             raise DecodeError("the chunk is not msgpack: it ends inside its first object")
         letters.append(DeadLetter(Reason.TRUNCATED_MSGPACK, chunk[end:], tag))
-        records += 1
-    decoded.records_seen = records
-    return decoded
+        stream.records_seen += 1
 
 
 _GROUP_MARKER: Final = "group_marker"

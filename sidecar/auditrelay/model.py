@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 class PushStatus(enum.Enum):
@@ -75,6 +75,30 @@ class EventSink(Protocol):
 
     async def append(self, events: Sequence[AuditEvent]) -> None:
         """Returns once every event is durable; raises SpoolFullError when over the limit."""
+
+
+class RowWriter(Protocol):
+    """The rows of one chunk on their way into a ``RowSink``; used by one thread at a time."""
+
+    def add(self, event: AuditEvent) -> None:
+        """Encodes the event to its row at once (so its fields can be freed); an event that
+        cannot be encoded is set aside as a dead letter at ``commit``."""
+
+    def commit(self) -> None:
+        """Blocks until every row added is durable; raises SpoolFullError when over the limit.
+        Safe to call from a worker thread."""
+
+
+@runtime_checkable
+class RowSink(Protocol):
+    """An ``EventSink`` that also takes a chunk's events one at a time on a worker thread, so
+    that decode, filter, row encoding and the durable append of a chunk are one hand-off."""
+
+    async def append(self, events: Sequence[AuditEvent]) -> None:
+        """As ``EventSink.append``."""
+
+    def rows(self) -> RowWriter:
+        """A writer for the rows of one chunk."""
 
 
 class DeadLetterSink(Protocol):

@@ -84,6 +84,7 @@ class DeliverySink:
         self._backoff = backoff or Backoff()
         self._encoder = RowEncoder(settings.cluster_name, settings.cluster_id)
         self._spool: Spool | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._client: IngestionClient | None = None
         self._wakeup = asyncio.Event()
         self._progress = asyncio.Event()
@@ -105,6 +106,7 @@ class DeliverySink:
 
     async def start(self) -> None:
         """Opens the spool (resending what it still holds) and starts delivering."""
+        self._loop = asyncio.get_running_loop()
         self._spool = await asyncio.to_thread(
             Spool,
             self.directory,
@@ -201,35 +203,35 @@ class DeliverySink:
 
     async def append(self, events: Sequence[AuditEvent]) -> None:
         """Stores the events' rows durably; raises SpoolFullError when the spool is full."""
-        rows, letters = self._encode(events)
-        if letters:
-            await asyncio.to_thread(self._dead_letters.put, letters)
-        if not rows:
-            return
-        try:
-            await asyncio.to_thread(self.spool.append, rows)
-        except SpoolFullError:
-            self.metrics.spool_full.inc()
-            raise
-        self.metrics.events_spooled.inc(len(rows))
-        self.metrics.spooled_bytes.inc(sum(len(row) for row in rows))
-        self._wakeup.set()
-
-    def _encode(self, events: Sequence[AuditEvent]) -> tuple[list[bytes], list[DeadLetter]]:
-        encode = self._encoder.encode
-        rows: list[bytes] = []
-        letters: list[DeadLetter] = []
+        writer = self.rows()
         for event in events:
-            try:
-                rows.append(encode(event))
-            except Exception as error:  # one odd event must not fail the chunk
-                payload = event.raw if event.raw is not None else repr(event.fields).encode()
-                letters.append(DeadLetter(f"row encoding failed: {error}", payload, self.name))
+            writer.add(event)
+        await asyncio.to_thread(writer.commit)
+
+    def rows(self) -> _RowWriter:
+        """A ``model.RowWriter`` for one chunk: encode on any one thread, commit there too."""
+        return _RowWriter(self)
+
+    def _commit(self, rows: list[bytes], letters: list[DeadLetter]) -> None:
+        """The blocking half of an append, on the caller's thread."""
         truncated = self._encoder.stats.fields_truncated
         if truncated != self._truncated_seen:
             self.metrics.fields_truncated.inc(truncated - self._truncated_seen)
             self._truncated_seen = truncated
-        return rows, letters
+        if letters:
+            self._dead_letters.put(letters)
+        if not rows:
+            return
+        try:
+            self.spool.append(rows)
+        except SpoolFullError:
+            self.metrics.spool_full.inc()
+            raise
+        self.metrics.events_spooled.inc(len(rows))
+        self.metrics.spooled_bytes.inc(sum(map(len, rows)))
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._wakeup.set)
 
     # --- the pump: spool -> bodies -> in-flight requests ----------------------------------------
 
@@ -388,6 +390,31 @@ class DeliverySink:
 
     def _on_corrupt(self, region: CorruptRegion) -> None:
         self.metrics.spool_corrupt_bytes.inc(region.skipped_bytes)
+
+
+class _RowWriter:
+    """The rows of one chunk for a ``DeliverySink`` (``model.RowWriter``)."""
+
+    __slots__ = ("_encode", "_letters", "_rows", "_sink")
+
+    def __init__(self, sink: DeliverySink) -> None:
+        self._sink = sink
+        self._encode = sink._encoder.encode
+        self._rows: list[bytes] = []
+        self._letters: list[DeadLetter] = []
+
+    def add(self, event: AuditEvent) -> None:
+        """Encodes the event's row now; a failure becomes a dead letter, never fails the chunk."""
+        try:
+            self._rows.append(self._encode(event))
+        except Exception as error:  # one odd event must not fail the chunk
+            payload = event.raw if event.raw is not None else repr(event.fields).encode()
+            reason = f"row encoding failed: {error}"
+            self._letters.append(DeadLetter(reason, payload, self._sink.name))
+
+    def commit(self) -> None:
+        """Sets the failures aside, then stores the rows durably (blocking)."""
+        self._sink._commit(self._rows, self._letters)
 
 
 def _age(since: float | None) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgpack
 import orjson
 import pytest
-from auditrelay.decode import Reason, decode_chunk
+from auditrelay.decode import ChunkStream, Reason, decode_chunk
 from auditrelay.errors import DecodeError
 from fixtures import chunks
 from fixtures.chunks import (
@@ -311,3 +311,40 @@ class TestBrokenStreams:
             DecodeError, match=r"not msgpack|does not start with a Fluent Bit event"
         ):
             decode_chunk(data)
+
+
+class TestStreaming:
+    """A chunk's events come one at a time, so each can be filtered and freed before the next."""
+
+    def test_each_event_is_decoded_when_it_is_asked_for(self) -> None:
+        """Taking the first event of a chunk has read only the first record."""
+        data = chunk([raw_log_event(audit_line(audit_id=f"id-{n}")) for n in range(3)])
+        stream = ChunkStream(data, "kube.audit")
+        events = iter(stream)
+
+        first = next(events)
+
+        assert ("id-0", 1) == (first.fields["auditID"], stream.records_seen)
+        assert ["id-1", "id-2"] == [event.fields["auditID"] for event in events]
+        assert 3 == stream.records_seen
+
+    def test_non_utf8_text_midway_yields_every_good_event_once(self) -> None:
+        """Decoding resumes carefully after the last good event: nothing twice, nothing lost."""
+        bad = v2_event(event_time(1, 0), log_record(b'{"kind":"Event","user":"\xff"}'))
+        data = chunk(
+            [
+                raw_log_event(audit_line(audit_id="ok-1")),
+                parsed_event(audit_id="ok-2"),
+                bad,
+                raw_log_event(audit_line(audit_id="ok-3")),
+            ]
+        )
+        stream = ChunkStream(data)
+
+        ids = [event.fields["auditID"] for event in stream]
+
+        assert ["ok-1", "ok-2", "ok-3"] == ids
+        assert ([Reason.NON_UTF8], 4) == (
+            [letter.reason for letter in stream.dead_letters],
+            stream.records_seen,
+        )

@@ -23,6 +23,7 @@ from typing import Any
 from auditrelay.config import LogFormat, ServerSettings, parse_duration
 from auditrelay.errors import ConfigError, PropertyProblem
 from auditrelay.logs import configure_logging
+from auditrelay.malloc import limit_arenas
 from auditrelay.replay import Replay, ReplayOptions, ReplayResult, select_output, summary_lines
 
 EXIT_OK = 0
@@ -131,6 +132,7 @@ def options_from(args: argparse.Namespace) -> ReplayOptions:
 
 def run(args: argparse.Namespace) -> int:
     """Replays the files; prints the summary on stdout, progress on stderr."""
+    limit_arenas()  # before any thread starts: see auditrelay.malloc
     options = options_from(args)
     try:
         configure_logging(LogFormat.AUTO, args.log_level, stream=sys.stderr)

@@ -25,6 +25,7 @@ from auditrelay.app import serve
 from auditrelay.config import ServerSettings, parse_size
 from auditrelay.errors import ConfigError, PropertyProblem
 from auditrelay.logs import configure_logging
+from auditrelay.malloc import limit_arenas
 
 
 def _flag(field_name: str) -> str:
@@ -113,6 +114,7 @@ GC_THRESHOLDS = (100_000, 50, 100)
 
 def run(args: argparse.Namespace) -> int:
     """Runs the sidecar until SIGTERM or SIGINT."""
+    limit_arenas()  # before any thread starts: see auditrelay.malloc
     settings = settings_from(args, os.environ)
     try:
         configure_logging(settings.log_format, settings.log_level)
