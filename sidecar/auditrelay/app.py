@@ -497,22 +497,14 @@ def _process_chunk(pipeline: Pipeline, tag: str, chunk: bytes) -> _Outcome:
     writer = sink.rows() if isinstance(sink, RowSink) else None
     kept: list[AuditEvent] = []
     received = accepted = 0
+    add = kept.append if writer is None else writer.add
     try:
-        if writer is None:
-            for event in stream:
-                received += 1
-                lowered = apply(event)
-                if lowered is not None:
-                    kept.append(lowered)
-            accepted = len(kept)
-        else:
-            add = writer.add
-            for event in stream:
-                received += 1
-                lowered = apply(event)
-                if lowered is not None:
-                    accepted += 1
-                    add(lowered)
+        for event in stream:
+            received += 1
+            lowered = apply(event)
+            if lowered is not None:
+                accepted += 1
+                add(lowered)
     except DecodeError as error:  # raised before any event: the chunk is not msgpack at all
         letters = [DeadLetter(Reason.NOT_MSGPACK, chunk, tag)]
         pipeline.dead_letters.put(letters)
