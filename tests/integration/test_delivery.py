@@ -10,7 +10,6 @@ import asyncio
 import itertools
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -35,6 +34,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+from fixtures.disks import tiny_tmpfs
 
 SIDECAR = Path(__file__).resolve().parents[2] / "sidecar"
 SAMPLES = sorted(Path("/work/shared/data/audit-samples").glob("*.jsonl"))
@@ -558,19 +558,8 @@ async def test_a_full_spool_refuses_then_accepts_again(emulator: Emulator, tmp_p
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A 512 KiB tmpfs for the spool, so the file system really fills up (needs root)."""
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount_point)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with tiny_tmpfs(tmp_path) as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=False)
 
 
 async def test_a_full_disk_refuses_clearly_and_loses_nothing(

@@ -13,7 +13,6 @@ PolicyFilter) arrives at least once, and reports how many arrived more than once
 
 from __future__ import annotations
 
-import subprocess
 import tempfile
 import time
 import urllib.error
@@ -43,6 +42,7 @@ from auditrelay.flbproxy import FLUENT_BIT_5_1_1, GoProxy, Instance, Level, Resu
 from auditrelay.model import AuditEvent
 from auditrelay.stream import COLUMN_TYPES, STREAM_NAME
 from fixtures.chunks import event_time, log_record, map32, sample_lines, v2_event
+from fixtures.disks import tiny_tmpfs
 from harness.sidecar import Sidecar
 
 TAG = "kube.audit"
@@ -417,19 +417,8 @@ def test_a_full_spool_is_a_retry_and_loses_nothing(
 @pytest.fixture
 def tiny_disk(workdir: Path) -> Iterator[Path]:
     """A 512 KiB tmpfs: the sidecar's state directory on a disk that really fills up."""
-    mount_point = workdir / "tiny"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs", str(mount_point)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.decode().strip()}")
-    try:
+    with tiny_tmpfs(workdir) as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def test_a_full_disk_is_a_retry_with_a_clear_error(
