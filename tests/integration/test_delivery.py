@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,7 @@ from auditrelay.metrics import Metrics
 from auditrelay.model import AuditEvent, DeadLetter, EventSink
 from auditrelay.sink import DeliverySink
 from auditrelay.stream import COLUMN_TYPES, STREAM_NAME
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
+from fixtures.certs import app_registration_certificate
 from fixtures.disks import tiny_tmpfs
 
 SIDECAR = Path(__file__).resolve().parents[2] / "sidecar"
@@ -255,28 +252,6 @@ def service_account_token(path: Path) -> Path:
     return path
 
 
-def client_certificate(path: Path) -> Path:
-    """A PEM with an RSA key and its self-signed certificate, as an app registration holds."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "auditrelay")])
-    now = datetime.now(UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=1))
-        .not_valid_after(now + timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    path.write_bytes(key_pem + certificate.public_bytes(serialization.Encoding.PEM))
-    return path
-
-
 @pytest.mark.parametrize("auth", ["workload_identity", "client_certificate"])
 async def test_other_identities_get_tokens_and_deliver(
     emulator: Emulator, tmp_path: Path, auth: str
@@ -286,7 +261,7 @@ async def test_other_identities_get_tokens_and_deliver(
     if auth == "workload_identity":
         extra = {"federated_token_file": str(service_account_token(tmp_path / "sa-token"))}
     else:
-        extra = {"client_certificate": str(client_certificate(tmp_path / "client.pem"))}
+        extra = {"client_certificate": str(app_registration_certificate(tmp_path / "client.pem"))}
     settings = pipeline(emulator, auth=auth, **extra)
     events = fresh_events(50, auth)
     async with running_sink(settings, tmp_path / "spool") as sink:

@@ -8,7 +8,7 @@ import json
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator, MutableMapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +41,7 @@ from azure.identity.aio import ClientSecretCredential as AsyncClientSecretCreden
 from azure.identity.aio import WorkloadIdentityCredential as AsyncWorkloadIdentityCredential
 from azure.monitor.ingestion import LogsIngestionClient
 from azure.monitor.ingestion.aio import LogsIngestionClient as AsyncLogsIngestionClient
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
+from fixtures.certs import app_registration_certificate
 
 STREAM = "Custom-KubeAudit_CL"
 COLUMNS = {
@@ -202,28 +199,7 @@ def test_workload_identity_with_wrong_assertion_audience_is_refused(
 
 def test_certificate_credential_uploads(emulator: Emulator, tmp_path: Path) -> None:
     """CertificateCredential's signed assertion (x5t, audience = token endpoint) is accepted."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "auditrelay-test")])
-    now = datetime.now(UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    pem = tmp_path / "client.pem"
-    pem.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        + certificate.public_bytes(serialization.Encoding.PEM)
-    )
+    pem = app_registration_certificate(tmp_path / "client.pem")
     credential = CertificateCredential(
         TENANT,
         CLIENT,
