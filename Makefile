@@ -57,6 +57,10 @@ helm-test: $(PLUGIN) helm-tools ## Chart tests: lint and render every ci/ values
 controlplane: ## Build the test control plane (kube-apiserver & co. from the pinned release; cached)
 	$(PYTHON) tests/controlplane/build.py
 
+.PHONY: testdata
+testdata: controlplane ## Regenerate tests/data: a real kube-apiserver audit log and its Fluent Bit flushes
+	$(PYTHON) tests/data/regenerate.py
+
 .PHONY: controlplane-test
 controlplane-test: controlplane ## Tests against a real kube-apiserver, controller manager and scheduler
 	$(PYTHON) -m pytest -m controlplane tests/controlplane

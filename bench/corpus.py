@@ -1,9 +1,10 @@
-"""Benchmark corpora resampled from the real audit samples, seeded and reproducible.
+"""Benchmark corpora resampled from a real audit log, seeded and reproducible.
 
-Every event of a corpus is a copy of one real kube-apiserver event from
-``shared/data/audit-samples`` (drawn uniformly with replacement, so the mix of verbs, levels,
-resources and sizes is the real sample mix), with the values that differ between requests
-substituted *inside the original line text*, each with a string of the same length:
+Every event of a corpus is a copy of one real kube-apiserver event from ``tests/data/audit.log``
+(written by the test control plane, see tests/data/README.md; drawn uniformly with replacement,
+so the mix of verbs, levels, resources and sizes is the log's mix), with the values that differ
+between requests substituted *inside the original line text*, each with a string of the same
+length:
 
 - ``auditID``: a fresh UUIDv4;
 - every RFC 3339 timestamp in the line: shifted so that ``stageTimestamp`` follows a Poisson
@@ -14,8 +15,7 @@ substituted *inside the original line text*, each with a string of the same leng
 - the object name (``objectRef.name``, or the generated name of a create): one of a fixed pool
   of same-length names, changed consistently in ``requestURI``, ``objectRef`` and the bodies.
 
-The 39 sample events that lost ``apiVersion`` in the Falco maintainers' editing get it back
-(``with_api_version``). Key order and Go's escaping stay as the API server wrote them, and
+Key order and Go's escaping stay as the API server wrote them, and
 every copy has exactly its template's size. Outputs: an ``audit.log`` (JSON lines) and Fluent Bit flush buffers in both
 shapes the ``tail`` input produces (the JSON line in ``log``, or the ``json``-parsed map), framed
 in a ``.chunks`` file (see ``write_chunks`` / ``read_chunks``).
@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import os
 import random
 import re
 import struct
@@ -40,16 +39,13 @@ import msgpack
 import orjson
 
 REPO = Path(__file__).resolve().parent.parent
-# The shared data folder sits beside the checkout; AUDITRELAY_BENCH_SAMPLES points elsewhere.
-SAMPLES_DIR = Path(
-    os.environ.get("AUDITRELAY_BENCH_SAMPLES", REPO.parent / "shared" / "data" / "audit-samples")
-)
+SAMPLES = REPO / "tests" / "data" / "audit.log"
 CORPORA_DIR = REPO / "bench" / "corpora"
 
 # Fluent Bit closes an input chunk at its filesystem soft limit (FLB_INPUT_CHUNK_FS_MAX_SIZE).
 FLB_CHUNK_MAX_BYTES = 2_048_000
 NAME_POOL_SIZE = 64
-CORPUS_VERSION = 2  # part of the file names: a change to the generator must not reuse old files
+CORPUS_VERSION = 3  # part of the file names: a change to the generator must not reuse old files
 DEFAULT_START = "2026-11-26T12:00:00Z"
 DEFAULT_RATE = 5_000.0
 # Fluent Bit stamps a record when tail reads it, a little after the API server wrote it.
@@ -226,28 +222,16 @@ def _without_overlaps(slots: list[_Slot]) -> list[_Slot]:
     return kept
 
 
-def with_api_version(line: bytes) -> bytes:
-    """The event with the ``apiVersion`` an API server always writes.
-
-    The Falco maintainers re-serialized 39 of the sample events without it (see the samples'
-    SOURCES.md); all 39 are of the v1beta1 era (they carry ``timestamp``). Left out, the
-    sidecar would rightly set them aside as not being audit.k8s.io events.
-    """
-    if b'"apiVersion":' in line and "apiVersion" in json.loads(line):
-        return line
-    return b'{"apiVersion":"audit.k8s.io/v1beta1",' + line[1:]
-
-
-def load_templates(samples_dir: Path = SAMPLES_DIR, seed: int = 0) -> list[Template]:
-    """Every event of the sample files, in file-name order, compiled into a template."""
-    files = sorted(samples_dir.glob("*.jsonl"))
-    if not files:
-        raise FileNotFoundError(f"no *.jsonl audit samples in {samples_dir}")
+def load_templates(samples: Path = SAMPLES, seed: int = 0) -> list[Template]:
+    """Every event of an audit log, in file order, compiled into a template."""
+    if not samples.is_file():
+        raise FileNotFoundError(
+            f"{samples}: no such audit log (tests/data/regenerate.py writes it)"
+        )
     rng = random.Random(f"templates-{seed}")
     return [
-        compile_template(with_api_version(line), path.name, rng)
-        for path in files
-        for line in path.read_bytes().splitlines()
+        compile_template(line, samples.name, rng)
+        for line in samples.read_bytes().splitlines()
         if line.strip()
     ]
 
@@ -480,7 +464,7 @@ def build(
     seed: int = 1,
     rate: float = DEFAULT_RATE,
     directory: Path = CORPORA_DIR,
-    samples_dir: Path = SAMPLES_DIR,
+    samples: Path = SAMPLES,
     chunk_bytes: int = FLB_CHUNK_MAX_BYTES,
     force: bool = False,
 ) -> tuple[CorpusPaths, dict[str, Any]]:
@@ -490,7 +474,7 @@ def build(
         manifest: dict[str, Any] = json.loads(paths.manifest.read_text())
         return paths, manifest
     directory.mkdir(parents=True, exist_ok=True)
-    templates = load_templates(samples_dir, seed)
+    templates = load_templates(samples, seed)
     used: list[Template] = []
     builders = {False: ChunkBuilder(chunk_bytes), True: ChunkBuilder(chunk_bytes)}
     writers = {False: ChunkWriter(paths.raw_chunks), True: ChunkWriter(paths.parsed_chunks)}

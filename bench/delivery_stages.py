@@ -1,11 +1,12 @@
-"""Per-stage cost of the delivery path on the real audit samples: encode, spool, batch.
+"""Per-stage cost of the delivery path on a real audit log: encode, spool, batch.
 
     python bench/delivery_stages.py [--events 60000] [--spool-dir /var/tmp/bench-spool]
 
 Encode and batch rates are CPU time on one core (``time.process_time``); spool rates are wall
-time, since waiting for fsync is what they measure. Events are the 121 real samples of ../shared/data/audit-samples, cycled with a fresh auditID
-each (the API server's JSON text kept as ``raw``, as the decoder hands it over). Numbers are
-best of three; the machine is shared, so read them as orders of magnitude and ratios.
+time, since waiting for fsync is what they measure. Events are those of tests/data/audit.log (a
+real kube-apiserver log, see tests/data/README.md), cycled with a fresh auditID each (the API
+server's JSON text kept as ``raw``, as the decoder hands it over). Numbers are best of three;
+the machine is shared, so read them as orders of magnitude and ratios.
 """
 
 from __future__ import annotations
@@ -28,14 +29,12 @@ from auditrelay.model import AuditEvent
 from auditrelay.spool import Spool
 from auditrelay.stream import RowEncoder
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "audit-samples"
+SAMPLES = Path(__file__).resolve().parents[1] / "tests" / "data" / "audit.log"
 CHUNK_EVENTS = 1000  # about one Fluent Bit chunk of 2 MB
 
 
 def load_events(count: int) -> list[AuditEvent]:
-    lines = [
-        line for path in sorted(SAMPLES.glob("*.jsonl")) for line in path.read_bytes().splitlines()
-    ]
+    lines = [line for line in SAMPLES.read_bytes().splitlines() if line.strip()]
     templates = [orjson.loads(line) for line in lines]
     events = []
     for index in range(count):

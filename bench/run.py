@@ -56,7 +56,7 @@ def corpus_options(parser: argparse.ArgumentParser) -> None:
         "--rate", type=float, default=corpus.DEFAULT_RATE, help="events/s of the timestamps"
     )
     parser.add_argument("--corpora", type=Path, default=corpus.CORPORA_DIR, help="output folder")
-    parser.add_argument("--samples", type=Path, default=corpus.SAMPLES_DIR, help="real samples")
+    parser.add_argument("--samples", type=Path, default=corpus.SAMPLES, help="real audit log")
     parser.add_argument(
         "--chunk-bytes", type=int, default=corpus.FLB_CHUNK_MAX_BYTES, help="max flush size"
     )

@@ -27,18 +27,14 @@ from auditrelay.policy import (
     compile_policy,
     parse_policy,
 )
+from fixtures.chunks import reference_policies, sample_lines
 from upstream_policycheck import Upstream, build_policycheck
 
 pytestmark = pytest.mark.timeout(900)  # the first test may build policycheck (about a minute)
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO.parent / "shared" / "data"
-REFERENCE_POLICIES = sorted((SHARED_DATA / "reference-policies").glob("*.yaml"))
-AUDIT_SAMPLES = sorted((SHARED_DATA / "audit-samples").glob("*.jsonl"))
+REFERENCE_POLICIES = reference_policies()
 BUNDLED_POLICY = REPO / "audit_policy.yaml"
-
-if not (REFERENCE_POLICIES and AUDIT_SAMPLES):
-    pytest.fail("../shared/data (audit samples, reference policies) not found", pytrace=False)
 
 
 @pytest.fixture(scope="module", name="upstream")
@@ -381,12 +377,7 @@ def test_sample_events_get_upstreams_decision_under_reference_policies(
     upstream: Upstream, policy_path: Path
 ) -> None:
     """Attributes rebuilt from real audit events are decided as kube-apiserver decides them."""
-    requests = [
-        request_attributes(json.loads(line))
-        for sample in AUDIT_SAMPLES
-        for line in sample.read_text().splitlines()
-        if line.strip()
-    ]
+    requests = [request_attributes(json.loads(line)) for line in sample_lines()]
 
     assert 100 < len(requests)
     assert [] == _disagreements(upstream, policy_path.read_text(), requests)
@@ -394,12 +385,7 @@ def test_sample_events_get_upstreams_decision_under_reference_policies(
 
 def test_sample_events_get_upstreams_decision_under_bundled_policy(upstream: Upstream) -> None:
     """Our own policy decides the real events exactly as kube-apiserver would."""
-    requests = [
-        request_attributes(json.loads(line))
-        for sample in AUDIT_SAMPLES
-        for line in sample.read_text().splitlines()
-        if line.strip()
-    ]
+    requests = [request_attributes(json.loads(line)) for line in sample_lines()]
 
     assert [] == _disagreements(upstream, BUNDLED_POLICY.read_text(), requests)
 

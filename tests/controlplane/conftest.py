@@ -2,7 +2,7 @@
 
 Build the binaries first: ``python3 tests/controlplane/build.py`` (cached). The policy under test
 is, in order: ``$AUDITRELAY_CONTROLPLANE_POLICY``, the repository's ``audit_policy.yaml``, or
-Defender's published policy from ``../shared/data/reference-policies`` as a stand-in.
+Defender's published policy from ``tests/data/reference-policies`` as a stand-in.
 """
 
 from __future__ import annotations

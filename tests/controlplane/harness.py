@@ -14,9 +14,7 @@ from controlplane.cluster import ControlPlane
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REPO_POLICY = REPO_ROOT / "audit_policy.yaml"
-STAND_IN_POLICY = (
-    REPO_ROOT.parent / "shared/data/reference-policies/azure-defender-arc-audit-policy.yaml"
-)
+STAND_IN_POLICY = REPO_ROOT / "tests/data/reference-policies/azure-defender-arc-audit-policy.yaml"
 VERBOSE_POLICY_TEXT = """\
 apiVersion: audit.k8s.io/v1
 kind: Policy

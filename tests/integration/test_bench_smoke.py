@@ -14,15 +14,11 @@ from typing import Any
 import msgpack
 import pytest
 from azure.monitor.ingestion import _helpers
+from fixtures.chunks import TAIL_CHUNK_PARSED, TAIL_CHUNK_RAW_LOG, sample_lines, tail_chunk
 
 from bench import corpus, sdk_baseline
 
 REPO = Path(__file__).resolve().parents[2]
-CAPTURES = corpus.SAMPLES_DIR.parent / "fluent-bit-chunks"
-
-pytestmark = pytest.mark.skipif(
-    not corpus.SAMPLES_DIR.is_dir(), reason=f"real audit samples not found at {corpus.SAMPLES_DIR}"
-)
 
 
 def run_bench(*args: str, results: Path) -> dict[str, object]:
@@ -44,23 +40,14 @@ def run_bench(*args: str, results: Path) -> dict[str, object]:
     return result
 
 
-def sample_lines() -> list[bytes]:
-    return [
-        line
-        for path in sorted(corpus.SAMPLES_DIR.glob("*.jsonl"))
-        for line in path.read_bytes().splitlines()
-        if line.strip()
-    ]
-
-
 @pytest.mark.parametrize(
-    ("capture", "parsed"),
-    [("fb-4.2.8-tail-raw-log.msgpack", False), ("fb-4.2.8-tail-json-parsed.msgpack", True)],
+    ("capture", "parsed"), [(TAIL_CHUNK_RAW_LOG, False), (TAIL_CHUNK_PARSED, True)]
 )
-def test_chunks_are_packed_exactly_as_fluent_bit_packs_them(capture: str, parsed: bool) -> None:
-    """Given Fluent Bit's read times, the corpus packs the samples into the very bytes Fluent Bit
-    4.2.8 flushed (v2 events, EventTime, 32-bit headers), in both tail shapes."""
-    real = (CAPTURES / capture).read_bytes()
+def test_chunks_are_packed_exactly_as_the_test_data_flushes(capture: Path, parsed: bool) -> None:
+    """Given their read times, the corpus packs the audit log of tests/data into the very bytes
+    of its Fluent Bit flushes (whose framing tests/unit/test_testdata.py checks), in both tail
+    shapes: the corpora and the test data are packed alike."""
+    real = tail_chunk(capture)
     unpacker = msgpack.Unpacker(raw=False)
     unpacker.feed(real)
     read_times = []

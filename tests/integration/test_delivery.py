@@ -31,10 +31,10 @@ from auditrelay.model import AuditEvent, DeadLetter, EventSink
 from auditrelay.sink import DeliverySink
 from auditrelay.stream import COLUMN_TYPES, STREAM_NAME
 from fixtures.certs import app_registration_certificate
+from fixtures.chunks import sample_lines
 from fixtures.disks import tiny_tmpfs
 
 SIDECAR = Path(__file__).resolve().parents[2] / "sidecar"
-SAMPLES = sorted(Path("/work/shared/data/audit-samples").glob("*.jsonl"))
 TENANT = "72f988bf-0000-0000-0000-00000000abcd"
 CLIENT = "0a1b2c3d-0000-0000-0000-00000000abcd"
 # Kinds of DCR error-log entries for rows the table did not take as sent.
@@ -56,10 +56,6 @@ class Letters:
 
     def put(self, letters: Sequence[DeadLetter]) -> None:
         self.letters.extend(letters)
-
-
-def sample_lines() -> list[bytes]:
-    return [line for path in SAMPLES for line in path.read_bytes().splitlines()]
 
 
 def sample_events() -> list[AuditEvent]:
@@ -178,7 +174,7 @@ def statuses(emulator: Emulator) -> list[int]:
 async def test_every_real_sample_arrives_as_a_declared_row(
     emulator: Emulator, tmp_path: Path, keep_raw: bool
 ) -> None:
-    """All 121 real events arrive once each, gzip'd, with the cluster columns, and the emulator,
+    """Every event of the real audit log arrives once, gzip'd, with the cluster columns, and the emulator,
     checking them against the stream declaration, drops or changes none of them; whether the
     row was spliced into the API server's text or serialized from the fields."""
     metrics = Metrics()
@@ -193,10 +189,11 @@ async def test_every_real_sample_arrives_as_a_declared_row(
     assert {"gzip"} == {request.content_encoding for request in emulator.store.requests()}
     stored = emulator.store.rows(audit_id=str(events[-1].fields["auditID"]))[0].row
     assert stored is not None
-    assert ("kind-test", "Metadata") == (stored["Cluster_Name"], stored["level"])
+    assert ("kind-test", events[-1].fields["level"]) == (stored["Cluster_Name"], stored["level"])
     sample = metrics.registry.get_sample_value
-    assert 121.0 == sample("auditrelay_events_delivered_total", {"pipeline": "auditrelay.0"})
-    assert 121.0 == sample("auditrelay_events_spooled_total", {"pipeline": "auditrelay.0"})
+    delivered = sample("auditrelay_events_delivered_total", {"pipeline": "auditrelay.0"})
+    spooled = sample("auditrelay_events_spooled_total", {"pipeline": "auditrelay.0"})
+    assert (len(events), len(events)) == (delivered, spooled)
 
 
 async def test_the_sink_is_the_event_sink_app_expects(emulator: Emulator, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from auditrelay.config import BUNDLED_POLICY
 from auditrelay.deadletter import payload_of, read_letters
 from auditrelay.flbproxy import (
     FLUENT_BIT_4_2_8,
@@ -30,7 +31,13 @@ from auditrelay.flbproxy import (
     build_plugin,
 )
 from fixtures.certs import make_pki
-from fixtures.chunks import REAL_CHUNK_PARSED, REAL_CHUNK_RAW_LOG
+from fixtures.chunks import (
+    TAIL_CHUNK_PARSED,
+    TAIL_CHUNK_RAW_LOG,
+    kept_by_policy,
+    sample_lines,
+    tail_chunk,
+)
 from harness.sidecar import Sidecar
 
 TAG = "kube.audit"
@@ -184,21 +191,22 @@ def test_older_fluent_bit_ignores_a_misspelled_key(
 
 
 @pytest.mark.parametrize(
-    "chunk_file", [REAL_CHUNK_PARSED, REAL_CHUNK_RAW_LOG], ids=lambda p: p.name
+    "chunk_file", [TAIL_CHUNK_PARSED, TAIL_CHUNK_RAW_LOG], ids=lambda p: p.name
 )
 def test_a_real_chunk_is_accepted_whole(proxy: GoProxy, sidecar: Sidecar, chunk_file: Path) -> None:
-    """A buffer Fluent Bit 4.2.8 really flushed arrives whole and is accepted: all 121 records are
-    seen, the 57 of 82 audit events the bundled policy keeps are accepted and 25 filtered, the 39
-    sample lines without apiVersion set aside."""
-    chunk = chunk_file.read_bytes()
+    """A Fluent Bit flush of a real kube-apiserver log arrives whole and is accepted: every record
+    is an audit event, those the bundled policy keeps are accepted and the others filtered."""
+    chunk = tail_chunk(chunk_file)
+    events = len(sample_lines())
+    kept = kept_by_policy(BUNDLED_POLICY, sample_lines())
     instance = proxy.init(section(sidecar), log_level=Level.DEBUG)
     assert Result.OK == proxy.flush(instance, chunk, TAG)
     assert (
         f"[output:auditrelay:auditrelay.0] chunk accepted: tag={TAG} bytes={len(chunk)} "
-        "events=82 accepted=57 filtered=25 invalid=39"
+        f"events={events} accepted={kept} filtered={events - kept} invalid=0"
     ) in proxy.lines(Level.DEBUG)
     [accepted] = sidecar.events("chunk_accepted")
-    assert (len(chunk), 82, 39, TAG) == (
+    assert (len(chunk), events, 0, TAG) == (
         accepted["bytes"],
         accepted["events_received"],
         accepted["events_invalid"],
@@ -239,8 +247,8 @@ def test_spool_full_is_a_retry(proxy: GoProxy, sidecar: Sidecar) -> None:
     )
     # An empty spool takes one chunk over its limit (else that chunk would be refused forever);
     # the next one has to wait.
-    assert Result.OK == proxy.flush(instance, REAL_CHUNK_PARSED.read_bytes(), TAG)
-    assert Result.RETRY == proxy.flush(instance, REAL_CHUNK_PARSED.read_bytes(), TAG)
+    assert Result.OK == proxy.flush(instance, tail_chunk(TAIL_CHUNK_PARSED), TAG)
+    assert Result.RETRY == proxy.flush(instance, tail_chunk(TAIL_CHUNK_PARSED), TAG)
     [line] = proxy.lines(Level.WARN)
     assert line.startswith(
         f"[output:auditrelay:auditrelay.0] chunk retried: tag={TAG} bytes=197263: RETRY_LATER: spool: "
@@ -254,7 +262,7 @@ def test_a_chunk_the_sidecar_can_never_take_is_an_error(
     sidecar = make_sidecar("--max-chunk-bytes", "64k")
     sidecar.start()
     instance = proxy.init(section(sidecar))
-    assert Result.ERROR == proxy.flush(instance, REAL_CHUNK_PARSED.read_bytes(), TAG)
+    assert Result.ERROR == proxy.flush(instance, tail_chunk(TAIL_CHUNK_PARSED), TAG)
     assert [
         f"[output:auditrelay:auditrelay.0] chunk rejected: tag={TAG} bytes=197263: "
         "REJECTED: chunk of 197263 bytes is over max_chunk_bytes 65536"
@@ -287,14 +295,14 @@ def test_init_waits_for_a_sidecar_that_starts_late(
         pending = pool.submit(proxy.init, section(sidecar))
         sidecar.start()
         instance = pending.result(timeout=30)
-    assert Result.OK == proxy.flush(instance, REAL_CHUNK_RAW_LOG.read_bytes(), TAG)
+    assert Result.OK == proxy.flush(instance, tail_chunk(TAIL_CHUNK_RAW_LOG), TAG)
 
 
 def test_hung_sidecar_costs_one_timeout_and_a_retry(proxy: GoProxy, sidecar: Sidecar) -> None:
     """A sidecar that answers nothing (stopped with SIGSTOP) makes the flush return FLB_RETRY
     once sidecar_timeout has passed; once it answers again, the chunk is accepted."""
     instance = proxy.init(section(sidecar, sidecar_timeout="500ms"))
-    chunk = REAL_CHUNK_RAW_LOG.read_bytes()
+    chunk = tail_chunk(TAIL_CHUNK_RAW_LOG)
     sidecar.pause()
     try:
         started = time.monotonic()
@@ -311,7 +319,7 @@ def test_restarted_sidecar_costs_only_retries(proxy: GoProxy, sidecar: Sidecar, 
     """After the sidecar restarts (gracefully or after a crash) it no longer knows the pipeline:
     the plugin configures it again by itself, and Fluent Bit sees at most retries."""
     instance = proxy.init(section(sidecar))
-    chunk = REAL_CHUNK_RAW_LOG.read_bytes()
+    chunk = tail_chunk(TAIL_CHUNK_RAW_LOG)
     assert Result.OK == proxy.flush(instance, chunk, TAG)
     getattr(sidecar, how)()
     sidecar.start()
@@ -335,8 +343,8 @@ def test_two_instances_have_their_own_pipelines(proxy: GoProxy, sidecar: Sidecar
     """Two [OUTPUT] sections are two pipelines; each flush goes to its own."""
     first = proxy.init(section(sidecar, stream="Custom-First_CL"))
     second = proxy.init(section(sidecar, stream="Custom-Second_CL"))
-    assert Result.OK == proxy.flush(first, REAL_CHUNK_PARSED.read_bytes(), "first")
-    assert Result.OK == proxy.flush(second, REAL_CHUNK_RAW_LOG.read_bytes(), "second")
+    assert Result.OK == proxy.flush(first, tail_chunk(TAIL_CHUNK_PARSED), "first")
+    assert Result.OK == proxy.flush(second, tail_chunk(TAIL_CHUNK_RAW_LOG), "second")
     pipelines = {pipeline_of(proxy, first): "first", pipeline_of(proxy, second): "second"}
     assert 2 == len(pipelines)
     assert pipelines == {
@@ -348,7 +356,7 @@ def test_concurrent_flushes_from_worker_threads(proxy: GoProxy, sidecar: Sidecar
     """With `workers`, Fluent Bit flushes one instance on several threads at once (ctypes drops
     the GIL for each call): every flush of two instances is accepted exactly once."""
     instances = [proxy.init(section(sidecar, cluster_name=name)) for name in ("a", "b")]
-    chunk = REAL_CHUNK_RAW_LOG.read_bytes()
+    chunk = tail_chunk(TAIL_CHUNK_RAW_LOG)
     jobs = [(instances[i % 2], f"worker.{i}") for i in range(48)]
     barrier = threading.Barrier(8)
 
@@ -362,13 +370,13 @@ def test_concurrent_flushes_from_worker_threads(proxy: GoProxy, sidecar: Sidecar
     assert [Result.OK] * len(jobs) == results
     accepted = sidecar.events("chunk_accepted")
     assert sorted(tag for _, tag in jobs) == sorted(event["tag"] for event in accepted)
-    assert {82} == {event["events_received"] for event in accepted}
+    assert {len(sample_lines())} == {event["events_received"] for event in accepted}
 
 
 def test_hot_reload_reregisters_and_keeps_working(proxy: GoProxy, sidecar: Sidecar) -> None:
     """A hot reload exits the instances (announced as a reload), registers the plugin again in
     the same process and initialises new instances, which work; names start again from 0."""
-    chunk = REAL_CHUNK_RAW_LOG.read_bytes()
+    chunk = tail_chunk(TAIL_CHUNK_RAW_LOG)
     before = proxy.init(section(sidecar))
     assert Result.OK == proxy.flush(before, chunk, TAG)
     proxy.exit(before, hot_reload=True)
@@ -412,7 +420,7 @@ def test_tcp_with_mutual_tls(proxy: GoProxy, workdir: Path) -> None:
                 "sidecar_wait": "20s",
             }
         )
-        assert Result.OK == proxy.flush(instance, REAL_CHUNK_RAW_LOG.read_bytes(), TAG)
+        assert Result.OK == proxy.flush(instance, tail_chunk(TAIL_CHUNK_RAW_LOG), TAG)
     finally:
         sidecar.stop()
 

@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import orjson
 import pytest
+from auditrelay.config import BUNDLED_POLICY
 from auditrelay.v1 import relay_pb2, relay_pb2_grpc
 from fixtures import chunks
 from fixtures.chunks import chunk, parsed_event, raw_log_event
@@ -180,20 +181,21 @@ async def test_serves_chunks_and_stops_cleanly_on_sigterm(launch: Launch, workdi
     assert not (workdir / "relay.sock").exists()
 
 
-@chunks.requires_real_chunks
 async def test_real_fluent_bit_chunks_are_accepted(launch: Launch, workdir: Path) -> None:
-    """The buffers Fluent Bit 4.2.8 handed to a Go output, json-parsed and raw-log: of 82 events
-    the bundled policy keeps 57; 39 records are not audit events."""
+    """Fluent Bit's flushes of a real kube-apiserver log, json-parsed and raw-log: every record is
+    an audit event; the events the bundled policy keeps are accepted."""
     sidecar = await launch(*socket_flag(workdir))
+    lines = chunks.sample_lines()
+    kept = chunks.kept_by_policy(BUNDLED_POLICY, lines)
 
     async with grpc.aio.insecure_channel(sidecar.address) as channel:
         pipeline_id = (await configure(channel)).pipeline_id
         replies = [
-            await push(channel, pipeline_id, chunks.REAL_CHUNK_PARSED.read_bytes()),
-            await push(channel, pipeline_id, chunks.REAL_CHUNK_RAW_LOG.read_bytes()),
+            await push(channel, pipeline_id, chunks.tail_chunk(chunks.TAIL_CHUNK_PARSED)),
+            await push(channel, pipeline_id, chunks.tail_chunk(chunks.TAIL_CHUNK_RAW_LOG)),
         ]
 
-    assert [(relay_pb2.PushResponse.ACCEPTED, 82, 57, 39)] * 2 == [
+    assert [(relay_pb2.PushResponse.ACCEPTED, len(lines), kept, 0)] * 2 == [
         (r.status, r.events_received, r.events_accepted, r.events_invalid) for r in replies
     ]
 

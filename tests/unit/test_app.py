@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from auditrelay.app import App, pipeline_id_for
-from auditrelay.config import PipelineSettings, ServerSettings
+from auditrelay.config import BUNDLED_POLICY, PipelineSettings, ServerSettings
 from auditrelay.deadletter import payload_of, read_letters
 from auditrelay.decode import Reason, decode_chunk
 from auditrelay.errors import ConfigError, SpoolError, SpoolFullError
@@ -213,24 +213,27 @@ class TestPush:
         assert PushResult(PushStatus.ACCEPTED, 2, 2, 0, 0) == result
         assert ["a", "b"] == [event.fields["auditID"] for event in sink.events]
 
-    @chunks.requires_real_chunks
     async def test_real_chunk_counts(self, app: App) -> None:
-        """The real Fluent Bit buffer: of 82 events the bundled policy keeps 57 and drops 25; the
-        39 records that are not audit events are set aside; all counted."""
+        """A Fluent Bit flush of a real kube-apiserver log: every record is an audit event, those
+        the bundled policy keeps are accepted, the others counted as filtered."""
         pipeline_id = await configured(app)
+        lines = chunks.sample_lines()
+        kept = chunks.kept_by_policy(BUNDLED_POLICY, lines)
 
-        result = await app.push(pipeline_id, "kube.audit", chunks.REAL_CHUNK_RAW_LOG.read_bytes())
+        result = await app.push(
+            pipeline_id, "kube.audit", chunks.tail_chunk(chunks.TAIL_CHUNK_RAW_LOG)
+        )
 
         counters = app.counters()[pipeline_id]
-        assert PushResult(PushStatus.ACCEPTED, 82, 57, 25, 39) == result
-        assert (1, 1, 121, 57, 39) == (
+        assert PushResult(PushStatus.ACCEPTED, len(lines), kept, len(lines) - kept, 0) == result
+        assert (1, 1, len(lines), kept, 0) == (
             counters.chunks_received,
             counters.chunks_accepted,
             counters.records_seen,
             counters.events_accepted,
             counters.events_invalid,
         )
-        assert {Reason.UNSUPPORTED_API_VERSION: 39} == counters.invalid_by_reason
+        assert 0 < kept < len(lines)
 
     async def test_filter_drops_are_counted_as_filtered(self, make_app: MakeApp) -> None:
         """Events the filter drops are counted, not stored."""
@@ -343,7 +346,7 @@ class TestDefaultPipeline:
         try:
             pipeline_id = await configured(app, batch_interval="50ms")
             other = await configured(app, batch_interval="50ms", stream="Custom-KubeAudit_CL")
-            data = chunks.REAL_CHUNK_RAW_LOG.read_bytes()
+            data = chunks.tail_chunk(chunks.TAIL_CHUNK_RAW_LOG)
             result = await app.push(pipeline_id, "kube.audit", data)
             emulator = app.emulator.running
             assert emulator is not None
@@ -353,7 +356,9 @@ class TestDefaultPipeline:
             await wait_for(lambda: sink.spool.pending_bytes == 0, 10, "the acknowledgement")
             sample = metrics.registry.get_sample_value
             labels = {"pipeline": pipeline_id}
-            assert (82.0, 25.0, 39.0, float(len(data)), 57.0) == (
+            events = len(chunks.sample_lines())
+            kept_count = chunks.kept_by_policy(BUNDLED_POLICY, chunks.sample_lines())
+            assert (events, events - kept_count, 0, len(data), kept_count) == (
                 sample("auditrelay_events_received_total", labels),
                 sample("auditrelay_events_filtered_total", labels),
                 sample("auditrelay_events_invalid_total", labels),

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-from pathlib import Path
 
 import orjson
 import pytest
 from auditrelay.batch import MAX_BODY_BYTES, BatchBuilder, Body, Codec, codec_for
-
-SAMPLES = sorted(Path("/work/shared/data/audit-samples").glob("*.jsonl"))
+from fixtures.chunks import sample_lines
 
 
 def sample_rows() -> list[bytes]:
-    return [line for path in SAMPLES for line in path.read_bytes().splitlines()]
+    return sample_lines()
 
 
 def noisy_rows(count: int) -> list[bytes]:
@@ -79,7 +77,8 @@ def test_split_halves_the_rows() -> None:
     """split gives bodies for the first and second half, in order."""
     rows = sample_rows()
     halves = BatchBuilder(1).split(rows)
-    assert [rows[:60], rows[60:]] == [list(body.rows) for body in halves]
+    middle = len(rows) // 2
+    assert [rows[:middle], rows[middle:]] == [list(body.rows) for body in halves]
 
 
 @pytest.mark.parametrize(

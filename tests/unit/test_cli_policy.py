@@ -11,15 +11,10 @@ import pytest
 from auditrelay.cli import main
 from auditrelay.cli.policy import detection_probes, stages_of
 from auditrelay.policy import compile_policy, load_policy
+from fixtures.chunks import AUDIT_LOG, DEFENDER_POLICY, sample_lines
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLED = REPO / "audit_policy.yaml"
-REFERENCE = REPO.parent / "shared" / "data" / "reference-policies"
-DEFENDER = REFERENCE / "azure-defender-arc-audit-policy.yaml"
-SAMPLES = sorted((REPO.parent / "shared" / "data" / "audit-samples").glob("*.jsonl"))
-
-if not (SAMPLES and DEFENDER.is_file()):
-    pytest.fail("../shared/data (audit samples, reference policies) not found", pytrace=False)
 
 HEADER = "apiVersion: audit.k8s.io/v1\nkind: Policy\n"
 
@@ -65,7 +60,7 @@ def test_verify_same_policy_finds_nothing_missing(capsys: pytest.CaptureFixture[
 
 def test_verify_lists_defender_policy_gaps(capsys: pytest.CaptureFixture[str]) -> None:
     """Defender's original misses event deletecollection and coredns bodies: exit status 1."""
-    code = main(["policy", "verify", "--policy", str(DEFENDER), "--output", "json"])
+    code = main(["policy", "verify", "--policy", str(DEFENDER_POLICY), "--output", "json"])
     report = json.loads(capsys.readouterr().out)
     missing = {found["request"]: found["problem"] for found in report["missing"]}
 
@@ -278,7 +273,7 @@ def test_eval_reports_bad_lines_and_goes_on(
 ) -> None:
     """A line that is not JSON (or has a wrong type) gets an error answer; exit status 2."""
     _stdin(monkeypatch, 'not json\n{"verb": 3}\n{"verb": "get", "path": "/x"}\n')
-    code = main(["policy", "eval", "--policy", str(DEFENDER)])
+    code = main(["policy", "eval", "--policy", str(DEFENDER_POLICY)])
     captured = capsys.readouterr()
     answers = [json.loads(line) for line in captured.out.splitlines()]
 
@@ -309,13 +304,11 @@ def test_eval_table(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixtu
 
 def test_filter_real_logs_writes_kept_events_and_counts(capsys: pytest.CaptureFixture[str]) -> None:
     """Kept events go to stdout as JSON lines; counts and bytes in and out go to stderr."""
-    code = main(
-        ["policy", "filter", "--policy", str(BUNDLED), "--output", "json", *map(str, SAMPLES)]
-    )
+    code = main(["policy", "filter", "--policy", str(BUNDLED), "--output", "json", str(AUDIT_LOG)])
     captured = capsys.readouterr()
     shipped = [json.loads(line) for line in captured.out.splitlines()]
     summary = json.loads(captured.err.splitlines()[-1])
-    lines_in = sum(1 for path in SAMPLES for line in path.read_text().splitlines() if line.strip())
+    lines_in = len(sample_lines())
 
     assert 0 == code
     assert (lines_in, len(shipped)) == (summary["eventsIn"], summary["eventsOut"])

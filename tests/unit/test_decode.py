@@ -25,40 +25,35 @@ def audit_ids(data: bytes) -> list[str]:
     return [event.fields["auditID"] for event in decode_chunk(data).events]
 
 
-@chunks.requires_real_chunks
 class TestRealChunks:
-    """The buffers Fluent Bit 4.2.8 really handed to a Go output."""
+    """Fluent Bit's flushes of a real kube-apiserver audit log, in both tail shapes (tests/data)."""
 
     def test_parsed_and_raw_log_chunks_give_the_same_events(self) -> None:
-        """Both tail variants of the same 121 lines decode to the same audit events."""
-        parsed = decode_chunk(chunks.REAL_CHUNK_PARSED.read_bytes(), "kube.audit")
-        raw_log = decode_chunk(chunks.REAL_CHUNK_RAW_LOG.read_bytes(), "kube.audit")
+        """Both tail shapes of the same lines decode to the same audit events, one per line."""
+        parsed = decode_chunk(chunks.tail_chunk(chunks.TAIL_CHUNK_PARSED), "kube.audit")
+        raw_log = decode_chunk(chunks.tail_chunk(chunks.TAIL_CHUNK_RAW_LOG), "kube.audit")
 
-        assert 121 == parsed.records_seen == raw_log.records_seen
+        assert len(chunks.sample_lines()) == parsed.records_seen == raw_log.records_seen
         assert [e.fields for e in parsed.events] == [e.fields for e in raw_log.events]
 
-    def test_events_without_api_version_are_set_aside(self) -> None:
-        """The 39 sample events without apiVersion are dead letters; the 82 others pass."""
-        decoded = decode_chunk(chunks.REAL_CHUNK_PARSED.read_bytes(), "kube.audit")
+    def test_every_record_of_an_api_server_log_is_an_audit_event(self) -> None:
+        """Nothing kube-apiserver wrote is set aside: each record decodes to its line's event."""
+        decoded = decode_chunk(chunks.tail_chunk(chunks.TAIL_CHUNK_PARSED), "kube.audit")
 
-        assert 82 == len(decoded.events)
-        assert [Reason.UNSUPPORTED_API_VERSION] * 39 == [d.reason for d in decoded.dead_letters]
-        assert {"kube.audit"} == {letter.tag for letter in decoded.dead_letters}
+        assert [] == decoded.dead_letters
+        assert [orjson.loads(line) for line in chunks.sample_lines()] == [
+            event.fields for event in decoded.events
+        ]
 
     def test_raw_log_events_keep_the_exact_line(self) -> None:
         """An event that came as a `log` line keeps the API server's bytes in raw."""
-        decoded = decode_chunk(chunks.REAL_CHUNK_RAW_LOG.read_bytes())
-        valid_lines = [
-            line
-            for line in chunks.sample_lines()
-            if orjson.loads(line).get("apiVersion", "").startswith("audit.k8s.io/")
-        ]
+        decoded = decode_chunk(chunks.tail_chunk(chunks.TAIL_CHUNK_RAW_LOG))
 
-        assert valid_lines == [event.raw for event in decoded.events]
+        assert chunks.sample_lines() == [event.raw for event in decoded.events]
 
     def test_parsed_events_have_no_raw(self) -> None:
         """A record Fluent Bit parsed has no original line to keep."""
-        decoded = decode_chunk(chunks.REAL_CHUNK_PARSED.read_bytes())
+        decoded = decode_chunk(chunks.tail_chunk(chunks.TAIL_CHUNK_PARSED))
 
         assert {None} == {event.raw for event in decoded.events}
 

@@ -11,12 +11,9 @@ import pytest
 from auditrelay.filter import PolicyFilter, request_attributes
 from auditrelay.model import AuditEvent
 from auditrelay.policy import RequestAttributes, compile_policy, parse_policy
+from fixtures.chunks import reference_policies, sample_lines
 
 REPO = Path(__file__).resolve().parents[2]
-SAMPLES = sorted((REPO.parent / "shared" / "data" / "audit-samples").glob("*.jsonl"))
-
-if not SAMPLES:
-    pytest.fail("../shared/data/audit-samples/*.jsonl not found beside the checkout", pytrace=False)
 
 
 def _filter(rules: str, header: str = "") -> PolicyFilter:
@@ -288,7 +285,7 @@ def test_counts_follow_what_was_done() -> None:
 
 
 def _samples() -> list[dict[str, Any]]:
-    return [json.loads(line) for path in SAMPLES for line in path.read_text().splitlines() if line]
+    return [json.loads(line) for line in sample_lines()]
 
 
 def test_bundled_policy_on_real_events() -> None:
@@ -317,7 +314,7 @@ def test_bundled_policy_on_real_events() -> None:
     }
 
 
-REFERENCE_POLICIES = sorted((REPO.parent / "shared" / "data" / "reference-policies").glob("*.yaml"))
+REFERENCE_POLICIES = reference_policies()
 LEVEL_ORDER = ["None", "Metadata", "Request", "RequestResponse"]
 
 
