@@ -288,6 +288,16 @@ def _samples() -> list[dict[str, Any]]:
     return [json.loads(line) for line in sample_lines()]
 
 
+# The requests test_bundled_policy_on_real_events follows, by (verb, resource, subresource).
+KINDS: dict[tuple[str, str | None, str | None], str] = {
+    ("create", "pods", "exec"): "exec",
+    ("get", "pods", "exec"): "exec",
+    ("create", "clusterrolebindings", None): "binding",
+    ("create", "secrets", None): "secret write",
+    ("update", "leases", None): "lease renewal",
+}
+
+
 def test_bundled_policy_on_real_events() -> None:
     """On the real log, audit_policy.yaml keeps exec and RBAC bindings (bindings whole), lowers
     secret writes to Metadata and drops lease renewals."""
@@ -302,14 +312,12 @@ def test_bundled_policy_on_real_events() -> None:
         if fields["stage"] != "ResponseComplete":
             continue
         ref = fields.get("objectRef") or {}
-        target = (fields["verb"], ref.get("resource"), ref.get("subresource"))
-        kind = {
-            ("create", "pods", "exec"): "exec",
-            ("get", "pods", "exec"): "exec",
-            ("create", "clusterrolebindings", None): "binding",
-            ("create", "secrets", None): "secret write",
-            ("update", "leases", None): "lease renewal",
-        }.get(target)
+        target: tuple[str, str | None, str | None] = (
+            fields["verb"],
+            ref.get("resource"),
+            ref.get("subresource"),
+        )
+        kind = KINDS.get(target)
         if kind is None:
             continue
         recorded = fields["level"]
