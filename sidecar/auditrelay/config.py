@@ -143,6 +143,27 @@ def _positive(parse: Callable[[str], Any], what: str) -> Callable[[str], Any]:
     return parse_positive
 
 
+def _size_range(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        expected = f"a size from {_size_text(low)} to {_size_text(high)}, such as 1M"
+        try:
+            value = parse_size(text)
+        except ValueError:
+            raise ValueError(expected) from None
+        if not low <= value <= high:
+            raise ValueError(expected)
+        return value
+
+    return parse
+
+
+def _size_text(size: int) -> str:
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
+
+
 def parse_https_url(text: str) -> str:
     """An https URL with a host, returned without a trailing slash."""
     parts = urlsplit(text.strip())
@@ -274,6 +295,11 @@ PROPERTIES: tuple[Property, ...] = (
              None, parse_readable_file),
     Property("compression_level", Owner.PIPELINE,
              "gzip level of request bodies, 1 (fastest) to 9 (smallest).", "1", _int_range(1, 9)),
+    Property("max_request_raw_bytes", Owner.PIPELINE,
+             "Largest uncompressed body of one request (64K to 32M). The wire size stays under "
+             "1 MiB whatever this says; after a 413 that only the uncompressed size explains, "
+             "the pipeline lowers it to 1M by itself (docs/azure.md, Requests).",
+             "32M", _size_range(64 << 10, 32 << 20)),
     Property("batch_interval", Owner.PIPELINE,
              "Longest time a row waits for its batch to fill before it is sent.",
              "1s", _positive(parse_duration, "duration")),
@@ -319,6 +345,7 @@ class PipelineSettings:
     cluster_id: str
     policy: Path
     compression_level: int
+    max_request_raw_bytes: int
     batch_interval: float
     max_concurrency: int
     request_timeout: float
@@ -361,6 +388,7 @@ class PipelineSettings:
             cluster_id=values["cluster_id"] or "",
             policy=values["policy"] or BUNDLED_POLICY,
             compression_level=values["compression_level"],
+            max_request_raw_bytes=values["max_request_raw_bytes"],
             batch_interval=values["batch_interval"],
             max_concurrency=values["max_concurrency"],
             request_timeout=values["request_timeout"],

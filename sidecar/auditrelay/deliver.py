@@ -9,6 +9,14 @@ spool meanwhile. 413 splits a body in two; 400 bisects it down to the rows the s
 which alone are set aside with the service's message. 401/403 (and 404, a wrong rule or stream)
 keep the data, make the pipeline not ready at once, and keep trying.
 
+Azure documents the 1 MB limit of a call for "both compressed and uncompressed data"; the 413
+observed counts the bytes on the wire. ``RequestLimits`` finds out which reading the endpoint
+applies at the cost of at most one refused request: until a body over 1 MiB uncompressed has
+been answered, such bodies go one at a time; a 204 settles the wire reading, a 413 for a body
+under the wire limit settles the uncompressed one, and the pipeline then keeps every body under
+1 MiB uncompressed for the rest of its life (bodies already packed are packed again before
+they are sent).
+
 Bodies are the sidecar's own gzip bytes, handed to the SDK as a seekable ``io.BytesIO`` so that it
 sends them unchanged with ``Content-Encoding: gzip`` (a plain ``bytes`` would be encoded as a JSON
 array of integers). All requests and the credential's token requests share one aiohttp session
@@ -24,6 +32,7 @@ import io
 import logging
 import random
 import ssl
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -353,6 +362,77 @@ class IngestionClient:
         return Attempt(Outcome.DELIVERED, "204")
 
 
+WIRE_LIMIT: Final = 1_048_576  # the service's limit on the bytes of one call, as sent
+UNCOMPRESSED_LIMIT: Final = 1_048_576  # the same limit, where it counts uncompressed bytes
+
+
+class SizeReading(enum.Enum):
+    """Which bytes the endpoint's 1 MiB limit counts, as far as the pipeline knows."""
+
+    UNKNOWN = "unknown"  # no body over 1 MiB uncompressed answered yet
+    WIRE = "wire"  # such a body was accepted: the limit counts the bytes sent
+    UNCOMPRESSED = "uncompressed"  # such a body, under the wire limit, was refused with 413
+
+
+@dataclass(frozen=True, slots=True)
+class RawLimitEvidence:
+    """The refused request that showed the endpoint counts uncompressed bytes."""
+
+    wire_bytes: int
+    raw_bytes: int
+    status: str
+    message: str
+    raw_limit: int  # the uncompressed bound from now on
+
+
+class RequestLimits:
+    """One pipeline's bound on a body's uncompressed size and what it knows of the endpoint.
+
+    ``raw_bytes`` starts at the pipeline's ``max_request_raw_bytes``. While the reading is
+    unknown, bodies over ``UNCOMPRESSED_LIMIT`` are sent one at a time (``probe``), so that the
+    endpoint's answer to the first settles the question before a second can be refused.
+    """
+
+    def __init__(self, raw_bytes: int, *, wire_bytes: int = WIRE_LIMIT) -> None:
+        self.raw_bytes = raw_bytes
+        self.wire_bytes = wire_bytes
+        self.reading = SizeReading.UNKNOWN if raw_bytes > UNCOMPRESSED_LIMIT else SizeReading.WIRE
+        self._probe = asyncio.Lock()
+
+    def too_large(self, raw_bytes: int) -> bool:
+        """Whether a body of ``raw_bytes`` must be packed again before it is sent."""
+        return raw_bytes > self.raw_bytes
+
+    def needs_probe(self, raw_bytes: int) -> bool:
+        """Whether a body of ``raw_bytes`` would test the unknown reading."""
+        return self.reading is SizeReading.UNKNOWN and raw_bytes > UNCOMPRESSED_LIMIT
+
+    @property
+    def probe(self) -> asyncio.Lock:
+        """Held while a body that tests the reading is in flight."""
+        return self._probe
+
+    def accepted(self, raw_bytes: int) -> None:
+        """A body of ``raw_bytes`` uncompressed was delivered."""
+        if raw_bytes > UNCOMPRESSED_LIMIT and self.reading is SizeReading.UNKNOWN:
+            self.reading = SizeReading.WIRE
+
+    def refused(self, wire_bytes: int, raw_bytes: int, attempt: Attempt) -> RawLimitEvidence | None:
+        """A 413 for this body: the evidence when it shows, for the first time, that the
+        endpoint counts uncompressed bytes (the bound is then lowered); None otherwise."""
+        if (
+            self.reading is SizeReading.UNCOMPRESSED
+            or wire_bytes > self.wire_bytes
+            or raw_bytes <= UNCOMPRESSED_LIMIT
+        ):
+            return None
+        self.reading = SizeReading.UNCOMPRESSED
+        self.raw_bytes = min(self.raw_bytes, UNCOMPRESSED_LIMIT)
+        return RawLimitEvidence(
+            wire_bytes, raw_bytes, attempt.status, attempt.message, self.raw_bytes
+        )
+
+
 class Sender(Protocol):
     """Sends one body once (``IngestionClient`` is one)."""
 
@@ -369,6 +449,9 @@ class Payload(Protocol):
 
     @property
     def data(self) -> bytes: ...
+
+    @property
+    def raw_bytes(self) -> int: ...
 
 
 Splitter = Callable[[Payload], Awaitable[Sequence[Payload]]]
@@ -437,13 +520,19 @@ class AttemptObserver(Protocol):
 
 
 class Deliverer:
-    """Delivers one body until every row is either delivered or refused by the service."""
+    """Delivers one body until every row is either delivered or refused by the service.
+
+    ``split`` divides a body; it is called after ``limits`` was lowered, so that it can pack
+    the rows under the new bound. ``on_raw_limit`` hears of the lowering, once.
+    """
 
     def __init__(
         self,
         client: Sender,
         split: Splitter,
         *,
+        limits: RequestLimits | None = None,
+        on_raw_limit: Callable[[RawLimitEvidence], None] | None = None,
         health: DeliveryHealth | None = None,
         backoff: Backoff | None = None,
         observe: AttemptObserver | None = None,
@@ -451,7 +540,9 @@ class Deliverer:
     ) -> None:
         self.client = client
         self.health = health or DeliveryHealth()
+        self.limits = limits or RequestLimits(sys.maxsize)  # no bound but the service's
         self._split = split
+        self._on_raw_limit = on_raw_limit
         self._backoff = backoff or Backoff()
         self._observe = observe
         self._sleep = sleep
@@ -465,15 +556,21 @@ class Deliverer:
     async def _deliver(self, payload: Payload, report: DeliveryReport) -> None:
         failures = 0
         while True:
-            started = time.monotonic()
-            attempt = await self.client.send(payload.data)
-            report.requests += 1
-            if self._observe is not None:
-                self._observe(attempt, len(payload.data), time.monotonic() - started)
+            if self._must_repack(payload):
+                for part in await self._split(payload):  # packed before the bound was lowered
+                    await self._deliver(part, report)
+                return
+            attempt = await self._attempt(payload, report)
+            if attempt is None:
+                continue  # the bound was lowered while the body waited: pack it again
             if attempt.outcome is Outcome.DELIVERED:
                 self.health.succeeded()
                 report.delivered_rows += len(payload.rows)
                 return
+            if attempt.outcome is Outcome.TOO_LARGE:
+                evidence = self.limits.refused(len(payload.data), payload.raw_bytes, attempt)
+                if evidence is not None and self._on_raw_limit is not None:
+                    self._on_raw_limit(evidence)
             if attempt.outcome in (Outcome.TOO_LARGE, Outcome.REFUSED):
                 await self._divide(payload, attempt, report)
                 return
@@ -482,6 +579,29 @@ class Deliverer:
             self.health.failed(attempt)
             delay = attempt.retry_after
             await self._sleep(self._backoff.delay(failures) if delay is None else delay)
+
+    async def _attempt(self, payload: Payload, report: DeliveryReport) -> Attempt | None:
+        """Sends the body once, one at a time while it would test the unknown reading; None
+        when the bound was lowered meanwhile and the body was not sent."""
+        if not self.limits.needs_probe(payload.raw_bytes):
+            return await self._send(payload, report)
+        async with self.limits.probe:
+            if self._must_repack(payload):
+                return None
+            return await self._send(payload, report)
+
+    def _must_repack(self, payload: Payload) -> bool:
+        return len(payload.rows) > 1 and self.limits.too_large(payload.raw_bytes)
+
+    async def _send(self, payload: Payload, report: DeliveryReport) -> Attempt:
+        started = time.monotonic()
+        attempt = await self.client.send(payload.data)
+        report.requests += 1
+        if self._observe is not None:
+            self._observe(attempt, len(payload.data), time.monotonic() - started)
+        if attempt.outcome is Outcome.DELIVERED:
+            self.limits.accepted(payload.raw_bytes)
+        return attempt
 
     async def _divide(self, payload: Payload, attempt: Attempt, report: DeliveryReport) -> None:
         if len(payload.rows) == 1:

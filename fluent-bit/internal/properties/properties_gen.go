@@ -47,6 +47,7 @@ var All = []Property{
 	{Name: "cluster_id", Owner: Pipeline, Default: "", HasDefault: false, Secret: false, Description: "Cluster identity written into every row (Cluster_Id), e.g. the Arc resource id."},
 	{Name: "policy", Owner: Pipeline, Default: "", HasDefault: false, Secret: false, Description: "Audit policy file applied to every event (default: the bundled Defender policy)."},
 	{Name: "compression_level", Owner: Pipeline, Default: "1", HasDefault: true, Secret: false, Description: "gzip level of request bodies, 1 (fastest) to 9 (smallest)."},
+	{Name: "max_request_raw_bytes", Owner: Pipeline, Default: "32M", HasDefault: true, Secret: false, Description: "Largest uncompressed body of one request (64K to 32M). The wire size stays under 1 MiB whatever this says; after a 413 that only the uncompressed size explains, the pipeline lowers it to 1M by itself (docs/azure.md, Requests)."},
 	{Name: "batch_interval", Owner: Pipeline, Default: "1s", HasDefault: true, Secret: false, Description: "Longest time a row waits for its batch to fill before it is sent."},
 	{Name: "max_concurrency", Owner: Pipeline, Default: "2", HasDefault: true, Secret: false, Description: "Requests in flight to the endpoint at once."},
 	{Name: "request_timeout", Owner: Pipeline, Default: "30s", HasDefault: true, Secret: false, Description: "Deadline of one request to the endpoint."},
