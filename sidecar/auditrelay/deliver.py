@@ -396,7 +396,7 @@ class RequestLimits:
     def __init__(self, raw_bytes: int, *, wire_bytes: int = WIRE_LIMIT) -> None:
         self.raw_bytes = raw_bytes
         self.wire_bytes = wire_bytes
-        self.reading = SizeReading.UNKNOWN if raw_bytes > UNCOMPRESSED_LIMIT else SizeReading.WIRE
+        self.reading = SizeReading.UNKNOWN
         self._probe = asyncio.Lock()
 
     def too_large(self, raw_bytes: int) -> bool:
