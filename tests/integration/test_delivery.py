@@ -262,8 +262,10 @@ async def test_a_stream_of_events_arrives_in_full_with_concurrent_requests(
     """Thousands of events over several concurrent requests all arrive, none twice, under
     either reading of the size limit. Under the uncompressed one, the first body refused is
     the only 413: the pipeline logs the evidence once, its gauge shows the lowered bound, and
-    what was in flight goes in bodies under 1 MiB uncompressed."""
+    what was in flight goes in bodies under 1 MiB uncompressed. The first request is slow, so
+    that other bodies are ready to go while its answer is awaited."""
     emulator = either_emulator
+    emulator.add_fault(Fault(FaultKind.SLOW, delay=1.0, count=1))
     metrics = Metrics()
     events = fresh_events(6000, "bulk")
     settings = pipeline(emulator, max_concurrency="4", compression_level="6")
