@@ -274,27 +274,29 @@ class DeliverySink:
     async def _pump(self) -> None:
         spool = self.spool
         rows: list[bytes] = []
-        size = 0
+        size = 1  # the body's uncompressed bytes: "[", then each row with its "," or "]"
+        full = False  # the next row would take the body over its target
         start = end = spool.acknowledged
         first_at: float | None = None
         while True:
             self._wakeup.clear()  # before reading, so an append after the read wakes us up
             target = self._builder.target_raw_bytes
-            if size < target:
-                read = await asyncio.to_thread(spool.read, target - size)
+            if size < target and not full:
+                read = await asyncio.to_thread(spool.read, target - size, row_overhead=1)
                 if read is not None:
                     if not rows:
                         start, first_at = read.start, time.monotonic()
                     rows.extend(read.rows)
                     size += read.raw_bytes
+                    full = read.full
                     end = read.end
                     continue
             waited = 0.0 if first_at is None else time.monotonic() - first_at
             if rows and (
-                size >= target or waited >= self.settings.batch_interval or self._draining
+                full or size >= target or waited >= self.settings.batch_interval or self._draining
             ):
                 await self._dispatch(rows, start, end)
-                rows, size, first_at = [], 0, None
+                rows, size, full, first_at = [], 1, False, None
                 continue
             timeout = None if first_at is None else self.settings.batch_interval - waited
             with contextlib.suppress(TimeoutError):

@@ -294,6 +294,27 @@ async def test_a_stream_of_events_arrives_in_full_with_concurrent_requests(
         assert ([], 32 << 20) == (lowered, limit)
 
 
+async def test_bodies_fill_the_uncompressed_bound(tmp_path: Path) -> None:
+    """With max_request_raw_bytes 1M against the uncompressed reading, the pump gathers rows
+    up to the bound itself: no 413, and every body but the last holds 1 MiB uncompressed
+    less than one row (rows here are under 5 KB), so the reading costs as few requests as
+    it can."""
+    settings = emulator_settings(
+        tmp_path / "emulator", max_raw_bytes=SizeLimits.UNCOMPRESSED.max_raw_bytes
+    )
+    async with Emulator(settings) as emulator:
+        events = fresh_events(3000, "fill")
+        properties = {"max_request_raw_bytes": "1M", "batch_interval": "5s"}
+        async with running_sink(pipeline(emulator, **properties), tmp_path / "spool") as sink:
+            await sink.append(events)
+            await wait_for(lambda: emulator.store.count() > len(events) // 2, 60, "the full bodies")
+        requests = emulator.store.requests()
+        assert {} == +assert_all_arrived(emulator, ids(events))
+    assert {204} == {r.status for r in requests}
+    assert all(MIB - 5_000 < r.raw_bytes <= MIB for r in requests[:-1]), requests
+    assert 4 <= len(requests)
+
+
 async def test_requests_reuse_one_connection(emulator: Emulator, tmp_path: Path) -> None:
     """Token and ingestion requests share one session and TLS context: batch after batch goes
     over the connection opened first, not a new handshake per request."""
