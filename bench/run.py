@@ -229,7 +229,7 @@ def run_pipeline(args: argparse.Namespace, result: Result) -> None:
     }
     report_pipeline(result, run, stored, manifest, args.repeat)
     if len(readings) > 1:
-        report_readings(result, {reading: r for reading, (r, _) in medians.items()}, args.repeat)
+        report_readings(result, medians, args.repeat)
     if expected is not None and args.sdk:
         report_sdk_upload(args, result, expected, run)
 
@@ -240,12 +240,17 @@ def median_run(runs: list[tuple[Any, int]]) -> tuple[Any, int]:
     return ordered[len(ordered) // 2]
 
 
-def report_readings(result: Result, runs: dict[str, Any], repetitions: int) -> None:
+def report_readings(result: Result, medians: dict[str, tuple[Any, int]], repetitions: int) -> None:
     """Today's bodies (wire reading) against 1 MiB uncompressed ones, figure by figure."""
+    runs = {reading: run for reading, (run, _) in medians.items()}
     result.details["readings"] = {reading: pipeline_summary(run) for reading, run in runs.items()}
     median = f"median of {repetitions} runs" if repetitions > 1 else "one run"
-    for reading, run in runs.items():
+    for reading, (run, stored) in medians.items():
         label = f"[{reading}]"
+        result.add(
+            f"{label} kept / delivered / stored", run.events_kept, "events",
+            note=f"delivered {run.events_delivered}, stored by the emulator {stored}",
+        )  # fmt: skip
         result.add(f"{label} throughput", run.events_per_s, "events/s", note=median)
         result.add(
             f"{label} sidecar CPU per input event", 1e6 / run.events_per_cpu_s, "µs",
