@@ -6,7 +6,7 @@ on the wire exceeds 1,048,576 bytes (413), so a body is compressed first and che
 builder aims at an uncompressed size from the compression ratio it has seen so far, and a body
 that still comes out too large is split in two and compressed again. A body is also bounded by
 its uncompressed size, ``max_raw_bytes``: the pipeline's ``max_request_raw_bytes``, lowered to
-1 MiB when the service turns out to count uncompressed bytes (``deliver.RequestLimits``).
+1 MiB when the service turns out to count uncompressed bytes (``request_limits.RequestLimits``).
 
 ``compression_level`` picks the codec. 1-3 use ISA-L (``isal``, gzip-compatible) at its levels
 1-3: on the real audit samples about 0.5 million rows/s of CPU at a ratio of ~12. 4-9 use zlib

@@ -10,12 +10,9 @@ which alone are set aside with the service's message. 401/403 (and 404, a wrong 
 keep the data, make the pipeline not ready at once, and keep trying.
 
 Azure documents the 1 MB limit of a call for "both compressed and uncompressed data"; the 413
-observed counts the bytes on the wire. ``RequestLimits`` finds out which reading the endpoint
-applies at the cost of at most one refused request: until a body over 1 MiB uncompressed has
-been answered, such bodies go one at a time; a 204 settles the wire reading, a 413 for a body
-under the wire limit settles the uncompressed one, and the pipeline then keeps every body under
-1 MiB uncompressed for the rest of its life (bodies already packed are packed again before
-they are sent).
+observed counts the bytes on the wire. ``Deliverer`` finds out which reading the endpoint applies
+with ``request_limits.RequestLimits``, at the cost of at most one refused request, and packs
+bodies again under a lowered uncompressed bound before it sends them.
 
 Bodies are the sidecar's own gzip bytes, handed to the SDK as a seekable ``io.BytesIO`` so that it
 sends them unchanged with ``Content-Encoding: gzip`` (a plain ``bytes`` would be encoded as a JSON
@@ -62,6 +59,7 @@ from azure.monitor.ingestion.aio import LogsIngestionClient
 
 from auditrelay.config import CLOUD_AUTHORITY, Auth, PipelineSettings
 from auditrelay.errors import ConfigError, PropertyProblem
+from auditrelay.request_limits import RawLimitEvidence, RequestLimits
 
 _T = TypeVar("_T")
 MAX_RETRY_AFTER: Final = 600.0  # a longer Retry-After is taken as this; the spool holds the rows
@@ -362,77 +360,6 @@ class IngestionClient:
         return Attempt(Outcome.DELIVERED, "204")
 
 
-WIRE_LIMIT: Final = 1_048_576  # the service's limit on the bytes of one call, as sent
-UNCOMPRESSED_LIMIT: Final = 1_048_576  # the same limit, where it counts uncompressed bytes
-
-
-class SizeReading(enum.Enum):
-    """Which bytes the endpoint's 1 MiB limit counts, as far as the pipeline knows."""
-
-    UNKNOWN = "unknown"  # no body over 1 MiB uncompressed answered yet
-    WIRE = "wire"  # such a body was accepted: the limit counts the bytes sent
-    UNCOMPRESSED = "uncompressed"  # such a body, under the wire limit, was refused with 413
-
-
-@dataclass(frozen=True, slots=True)
-class RawLimitEvidence:
-    """The refused request that showed the endpoint counts uncompressed bytes."""
-
-    wire_bytes: int
-    raw_bytes: int
-    status: str
-    message: str
-    raw_limit: int  # the uncompressed bound from now on
-
-
-class RequestLimits:
-    """One pipeline's bound on a body's uncompressed size and what it knows of the endpoint.
-
-    ``raw_bytes`` starts at the pipeline's ``max_request_raw_bytes``. While the reading is
-    unknown, bodies over ``UNCOMPRESSED_LIMIT`` are sent one at a time (``probe``), so that the
-    endpoint's answer to the first settles the question before a second can be refused.
-    """
-
-    def __init__(self, raw_bytes: int, *, wire_bytes: int = WIRE_LIMIT) -> None:
-        self.raw_bytes = raw_bytes
-        self.wire_bytes = wire_bytes
-        self.reading = SizeReading.UNKNOWN
-        self._probe = asyncio.Lock()
-
-    def too_large(self, raw_bytes: int) -> bool:
-        """Whether a body of ``raw_bytes`` must be packed again before it is sent."""
-        return raw_bytes > self.raw_bytes
-
-    def needs_probe(self, raw_bytes: int) -> bool:
-        """Whether a body of ``raw_bytes`` would test the unknown reading."""
-        return self.reading is SizeReading.UNKNOWN and raw_bytes > UNCOMPRESSED_LIMIT
-
-    @property
-    def probe(self) -> asyncio.Lock:
-        """Held while a body that tests the reading is in flight."""
-        return self._probe
-
-    def accepted(self, raw_bytes: int) -> None:
-        """A body of ``raw_bytes`` uncompressed was delivered."""
-        if raw_bytes > UNCOMPRESSED_LIMIT and self.reading is SizeReading.UNKNOWN:
-            self.reading = SizeReading.WIRE
-
-    def refused(self, wire_bytes: int, raw_bytes: int, attempt: Attempt) -> RawLimitEvidence | None:
-        """A 413 for this body: the evidence when it shows, for the first time, that the
-        endpoint counts uncompressed bytes (the bound is then lowered); None otherwise."""
-        if (
-            self.reading is SizeReading.UNCOMPRESSED
-            or wire_bytes > self.wire_bytes
-            or raw_bytes <= UNCOMPRESSED_LIMIT
-        ):
-            return None
-        self.reading = SizeReading.UNCOMPRESSED
-        self.raw_bytes = min(self.raw_bytes, UNCOMPRESSED_LIMIT)
-        return RawLimitEvidence(
-            wire_bytes, raw_bytes, attempt.status, attempt.message, self.raw_bytes
-        )
-
-
 class Sender(Protocol):
     """Sends one body once (``IngestionClient`` is one)."""
 
@@ -568,7 +495,9 @@ class Deliverer:
                 report.delivered_rows += len(payload.rows)
                 return
             if attempt.outcome is Outcome.TOO_LARGE:
-                evidence = self.limits.refused(len(payload.data), payload.raw_bytes, attempt)
+                evidence = self.limits.refused(
+                    len(payload.data), payload.raw_bytes, attempt.status, attempt.message
+                )
                 if evidence is not None and self._on_raw_limit is not None:
                     self._on_raw_limit(evidence)
             if attempt.outcome in (Outcome.TOO_LARGE, Outcome.REFUSED):

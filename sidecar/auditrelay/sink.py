@@ -8,7 +8,7 @@ from the spool in order, packs them into gzip bodies (``batch``) when a body is 
 (``deliver``). Spool positions are acknowledged only when every earlier body is delivered too,
 so a crash at any moment resends, never loses (at-least-once). Bodies are bounded by wire size
 and by uncompressed size (``max_request_raw_bytes``); when the endpoint shows that it counts
-uncompressed bytes, ``deliver.RequestLimits`` lowers the latter and the builder follows.
+uncompressed bytes, ``request_limits.RequestLimits`` lowers the latter and the builder follows.
 """
 
 from __future__ import annotations
@@ -35,13 +35,12 @@ from auditrelay.deliver import (
     IngestionClient,
     Outcome,
     Payload,
-    RawLimitEvidence,
-    RequestLimits,
     credential_factory_for,
 )
 from auditrelay.errors import SpoolError, SpoolFullError
 from auditrelay.metrics import PipelineMetrics
 from auditrelay.model import AuditEvent, DeadLetter, DeadLetterSink
+from auditrelay.request_limits import RawLimitEvidence, RequestLimits
 from auditrelay.spool import CorruptRegion, Position, Spool
 from auditrelay.stream import RowEncoder
 

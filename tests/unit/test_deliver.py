@@ -26,15 +26,13 @@ from auditrelay.deliver import (
     Destination,
     Outcome,
     Payload,
-    RawLimitEvidence,
-    RequestLimits,
-    SizeReading,
     build_credential,
     classify,
     retry_after_seconds,
     tls_context,
 )
 from auditrelay.errors import ConfigError
+from auditrelay.request_limits import RawLimitEvidence, RequestLimits, SizeReading
 from azure.core.exceptions import ClientAuthenticationError, ServiceRequestError
 from azure.identity.aio import (
     CertificateCredential,
@@ -230,27 +228,6 @@ async def test_a_204_for_a_body_over_1_mib_raw_settles_the_wire_reading() -> Non
     assert SizeReading.WIRE == deliverer_.limits.reading
     assert not deliverer_.limits.needs_probe(body.raw_bytes)
     assert 32 << 20 == builder.max_raw_bytes
-
-
-async def test_a_413_that_raw_size_cannot_explain_only_splits() -> None:
-    """A 413 for a body already under 1 MiB raw (an endpoint with a lower limit) or over the
-    wire limit is not evidence of the uncompressed reading: the body is halved as before."""
-    limits = RequestLimits(32 << 20, wire_bytes=MIB)
-    refused = Attempt(Outcome.TOO_LARGE, "413", "HTTP 413 ContentLengthLimitExceeded")
-    assert limits.refused(wire_bytes=500_000, raw_bytes=MIB, attempt=refused) is None
-    assert limits.refused(wire_bytes=MIB + 1, raw_bytes=9 * MIB, attempt=refused) is None
-    assert (SizeReading.UNKNOWN, 32 << 20) == (limits.reading, limits.raw_bytes)
-    evidence = limits.refused(wire_bytes=MIB, raw_bytes=MIB + 1, attempt=refused)
-    assert evidence is not None
-    assert limits.refused(wire_bytes=MIB, raw_bytes=MIB + 1, attempt=refused) is None  # once
-
-
-def test_a_bound_of_1_mib_or_less_never_probes() -> None:
-    """max_request_raw_bytes at or under 1 MiB: no body can be refused for its raw size, so
-    nothing waits for a probe."""
-    limits = RequestLimits(MIB)
-    assert not limits.needs_probe(MIB)
-    assert limits.too_large(MIB + 1)
 
 
 async def test_transient_failures_are_retried_with_retry_after_or_jittered_backoff() -> None:
