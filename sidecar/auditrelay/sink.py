@@ -233,6 +233,13 @@ class DeliverySink:
         if loop is not None:
             loop.call_soon_threadsafe(self._wakeup.set)
 
+    def adopt(self, rows: Sequence[bytes]) -> None:
+        """Stores rows moved from an orphaned spool (blocking, any thread) and wakes the pump."""
+        self.spool.append(rows)
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._wakeup.set)
+
     # --- the pump: spool -> bodies -> in-flight requests ----------------------------------------
 
     async def _pump_forever(self) -> None:

@@ -6,10 +6,10 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
-from auditrelay.app import App, pipeline_id_for
+from auditrelay.app import App
 from auditrelay.config import PipelineSettings, ServerSettings
 from auditrelay.deadletter import payload_of, read_letters
 from auditrelay.decode import Reason, decode_chunk
@@ -19,6 +19,8 @@ from auditrelay.metrics import Metrics
 from auditrelay.model import AuditEvent, PushResult, PushStatus
 from auditrelay.receive import PipelineNotFoundError
 from auditrelay.sink import DeliverySink
+from auditrelay.spool import Spool
+from auditrelay.spools import legacy_pipeline_id, pipeline_id_for, read_record
 from fixtures import chunks
 from fixtures.chunks import audit_line, chunk, parsed_event, raw_log_event
 
@@ -175,7 +177,7 @@ class TestConfigure:
 
     def test_pipeline_id_is_safe_as_a_directory_name(self) -> None:
         """Alias names with slashes or spaces cannot escape the state directory."""
-        pipeline_id = pipeline_id_for("../../etc/my output", {})
+        pipeline_id = pipeline_id_for(PipelineSettings.from_properties({}, "../../etc/my output"))
 
         assert "/" not in pipeline_id
         assert not pipeline_id.startswith(".")
@@ -342,7 +344,7 @@ class TestDefaultPipeline:
         app = App(settings, metrics=metrics)
         try:
             pipeline_id = await configured(app, batch_interval="50ms")
-            other = await configured(app, batch_interval="50ms", stream="Custom-KubeAudit_CL")
+            other = await configured(app, batch_interval="50ms", stream="Custom-Other_CL")
             data = chunks.REAL_CHUNK_RAW_LOG.read_bytes()
             result = await app.push(pipeline_id, "kube.audit", data)
             emulator = app.emulator.running
@@ -412,5 +414,71 @@ class TestDefaultPipeline:
             [problem] = app.problems()
             assert problem.startswith("pipeline auditrelay.0: delivery failing for ")
             assert app.emulator.running is None
+        finally:
+            await app.aclose()
+
+
+class TestPipelineIdentity:
+    """The spool belongs to the destination: other settings rebuild the pipeline on it."""
+
+    # Delivery never succeeds, so the spool's content stays put.
+    UNREACHABLE: ClassVar[dict[str, str]] = {
+        "endpoint": "https://127.0.0.1:9",
+        "dcr_id": "dcr-" + "c" * 32,
+        "auth": "client_secret",
+        "tenant_id": "t",
+        "client_id": "c",
+        "client_secret": "first",
+        "authority_host": "https://127.0.0.1:9",
+    }
+
+    async def test_a_spool_under_the_earlier_id_is_renamed_and_kept(
+        self, settings: ServerSettings
+    ) -> None:
+        """A spool an earlier version named by a hash of every property is renamed to the new
+        id at the first Configure with those properties, with its rows and dead letters."""
+        legacy = legacy_pipeline_id("auditrelay.0", self.UNREACHABLE)
+        old = Spool(settings.state_dir / "spool" / legacy, limit_bytes=1 << 20)
+        old.append([b'{"row": 1}'])
+        old.close()
+        (settings.state_dir / "deadletter" / legacy).mkdir(parents=True)
+        app = App(settings, drain_seconds=0)
+        try:
+            pipeline_id = await configured(app, **self.UNREACHABLE)
+            sink = app.pipelines[pipeline_id].sink
+            assert isinstance(sink, DeliverySink)
+            assert len(b'{"row": 1}') + 8 == sink.spool.pending_bytes
+        finally:
+            await app.aclose()
+        assert not (settings.state_dir / "spool" / legacy).exists()
+        assert (settings.state_dir / "deadletter" / pipeline_id).is_dir()
+        record = read_record(settings.state_dir / "spool" / pipeline_id)
+        assert record is not None
+        assert pipeline_id == record["pipeline_id"]
+
+    async def test_new_settings_for_the_same_destination_rebuild_on_the_same_spool(
+        self, settings: ServerSettings, tmp_path: Path
+    ) -> None:
+        """A rotated secret keeps the id; the pipeline runs with the new settings on its spool,
+        whose rows are still there; a policy that cannot be used leaves the pipeline as it was."""
+        bad_policy = tmp_path / "policy.yaml"
+        bad_policy.write_text("apiVersion: audit.k8s.io/v1\nkind: NotAPolicy\nrules: []\n")
+        app = App(settings, drain_seconds=0)
+        try:
+            first = await configured(app, **self.UNREACHABLE)
+            before = app.pipelines[first].sink
+            assert isinstance(before, DeliverySink)
+            before.spool.append([b'{"row": 1}'])
+            second = await configured(app, **{**self.UNREACHABLE, "client_secret": "second"})
+            after = app.pipelines[second].sink
+            assert isinstance(after, DeliverySink)
+
+            assert first == second
+            assert after is not before
+            assert "second" == app.pipelines[first].settings.client_secret
+            assert 0 < after.spool.pending_bytes
+            with pytest.raises(ConfigError):
+                await configured(app, **{**self.UNREACHABLE, "policy": str(bad_policy)})
+            assert after is app.pipelines[first].sink
         finally:
             await app.aclose()
