@@ -478,6 +478,8 @@ class App:
                 raise outcome.deferred
             if outcome.kept:
                 await pipeline.sink.append(outcome.kept)
+                if outcome.letters:  # after the append, as _process_chunk does
+                    await asyncio.to_thread(pipeline.dead_letters.put, outcome.letters)
         except SpoolError as error:
             counters.chunks_retry_later += 1
             log.warning(
@@ -592,7 +594,8 @@ def _changed_settings(old: PipelineSettings, new: PipelineSettings) -> list[str]
 
 def _process_chunk(pipeline: Pipeline, tag: str, chunk: bytes) -> _Outcome:
     """Decode and filter (and, for a RowSink, encode and append), on the worker thread; dead
-    letters are made durable here too."""
+    letters are made durable here too, once the kept rows are stored: a chunk answered
+    RETRY_LATER comes back whole, and its letters must be written once, not per attempt."""
     stream = ChunkStream(chunk, tag)
     apply = pipeline.event_filter.apply
     sink = pipeline.sink
@@ -612,8 +615,6 @@ def _process_chunk(pipeline: Pipeline, tag: str, chunk: bytes) -> _Outcome:
         pipeline.dead_letters.put(letters)
         return _Outcome([], 0, 0, 0, letters, not_msgpack=str(error), records_seen=1)
     letters = stream.dead_letters
-    if letters:
-        pipeline.dead_letters.put(letters)
     outcome = _Outcome(
         kept, accepted, received, received - accepted, letters, "", stream.records_seen
     )
@@ -622,6 +623,9 @@ def _process_chunk(pipeline: Pipeline, tag: str, chunk: bytes) -> _Outcome:
             writer.commit()
         except SpoolError as error:
             outcome.deferred = error
+            return outcome
+    if letters and not kept:  # kept events (not a RowSink) are appended, then letters, in push
+        pipeline.dead_letters.put(letters)
     return outcome
 
 

@@ -482,3 +482,69 @@ class TestPipelineIdentity:
             assert after is app.pipelines[first].sink
         finally:
             await app.aclose()
+
+
+class FlakySink:
+    """An EventSink whose spool is full for the first ``refusals`` appends, then takes events."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals = refusals
+        self.events: list[AuditEvent] = []
+
+    async def append(self, events: Sequence[AuditEvent]) -> None:
+        if self.refusals:
+            self.refusals -= 1
+            raise SpoolFullError("full")
+        self.events.extend(events)
+
+
+def dead_letters(settings: ServerSettings, pipeline_id: str) -> list[dict[str, Any]]:
+    directory = settings.state_dir / "deadletter" / pipeline_id
+    return [x for path in sorted(directory.glob("*.jsonl")) for x in read_letters(path)]
+
+
+class TestDeadLettersOnce:
+    """A chunk answered RETRY_LATER comes back whole; its bad records are set aside once."""
+
+    async def test_a_retried_chunk_writes_its_dead_letters_once(
+        self, make_app: MakeApp, settings: ServerSettings
+    ) -> None:
+        """Two refusals, then the retry is accepted: one dead letter, one copy of each event."""
+        sink = FlakySink(refusals=2)
+        app = make_app(sink_factory=lambda _s, _i: sink)
+        pipeline_id = await configured(app)
+        data = chunk([parsed_event(audit_id="a"), raw_log_event(b"not json")])
+
+        for _ in range(2):
+            with pytest.raises(SpoolFullError):
+                await app.push(pipeline_id, "kube.audit", data)
+        result = await app.push(pipeline_id, "kube.audit", data)
+
+        assert (1, 1) == (result.events_accepted, result.events_invalid)
+        assert ["a"] == [event.fields["auditID"] for event in sink.events]
+        assert [b"not json"] == [payload_of(x) for x in dead_letters(settings, pipeline_id)]
+
+    async def test_a_full_spool_writes_the_dead_letters_once_on_the_accepted_retry(
+        self, settings: ServerSettings
+    ) -> None:
+        """The real DeliverySink with a full spool: the retried chunk's bad record is set
+        aside once, when the chunk is finally stored."""
+        app = App(settings, drain_seconds=0)
+        try:
+            pipeline_id = await configured(
+                app, **TestPipelineIdentity.UNREACHABLE, spool_limit="1k"
+            )
+            sink = app.pipelines[pipeline_id].sink
+            assert isinstance(sink, DeliverySink)
+            await app.push(pipeline_id, "kube.audit", chunk([parsed_event(audit_id="first")]))
+            good = [parsed_event(audit_id=f"e{n}") for n in range(4)]
+            data = chunk([*good, raw_log_event(b"not json")])
+            with pytest.raises(SpoolFullError):
+                await app.push(pipeline_id, "kube.audit", data)
+            sink.spool.acknowledge(sink.spool.write_position)  # as if delivered
+
+            result = await app.push(pipeline_id, "kube.audit", data)
+        finally:
+            await app.aclose()
+        assert (4, 1) == (result.events_accepted, result.events_invalid)
+        assert [b"not json"] == [payload_of(x) for x in dead_letters(settings, pipeline_id)]
