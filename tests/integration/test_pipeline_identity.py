@@ -16,88 +16,21 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
-from collections import Counter
-from collections.abc import Callable, Iterator
-from itertools import count
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import orjson
 import pytest
-from auditrelay.config import BUNDLED_POLICY
 from auditrelay.emulator import DEFAULT_DCR_ID, Emulator, EmulatorSettings, Fault, FaultKind
 from auditrelay.emulator import running_in_thread as emulator_in_thread
-from auditrelay.filter import PolicyFilter
-from auditrelay.flbproxy import FLUENT_BIT_5_1_1, GoProxy, Instance, Level, Result, build_plugin
-from auditrelay.model import AuditEvent
-from fixtures.chunks import event_time, log_record, v2_event
+from auditrelay.flbproxy import FLUENT_BIT_5_1_1, GoProxy, build_plugin
+from harness.fluentbit import Chunks, FluentBit, http_get, missing, wait_for
 from harness.sidecar import REPO_ROOT, Sidecar
 
 pytestmark = pytest.mark.slow
 
-TAG = "kube.audit"
 TENANT = "72f988bf-0000-0000-0000-00000000abcd"
 CLIENT = "0a1b2c3d-0000-0000-0000-00000000abcd"
 WRONG_DCR_ID = "dcr-11111111111111111111111111111111"
-BUNDLED_LOG = REPO_ROOT / "sidecar" / "auditrelay" / "data" / "audit2rbac-demo.jsonl"
-POLICY = PolicyFilter.from_file(BUNDLED_POLICY)
-
-
-def _templates() -> list[dict[str, Any]]:
-    lines = BUNDLED_LOG.read_bytes().splitlines()
-    return [orjson.loads(line) for line in lines if line.strip()]
-
-
-TEMPLATES = _templates()
-
-
-class Chunks:
-    """Fluent Bit chunks of fresh events; ``sent`` counts the auditIDs the policy keeps."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self._numbers = count()
-        self.sent: Counter[str] = Counter()
-
-    def make(self, events: int = 40) -> bytes:
-        number = next(self._numbers)
-        parts = []
-        for index in range(events):
-            fields = dict(TEMPLATES[index % len(TEMPLATES)])
-            fields["auditID"] = f"{self.prefix}-{number:03d}-{index:03d}"
-            line = orjson.dumps(fields)
-            parts.append(v2_event(event_time(int(time.time())), log_record(line)))
-            if POLICY.apply(AuditEvent(dict(fields), line)) is not None:
-                self.sent[fields["auditID"]] += 1
-        return b"".join(parts)
-
-
-class FluentBit:
-    """Fluent Bit with one auditrelay output; ``restart`` brings it back with other properties."""
-
-    def __init__(self, proxy: GoProxy, properties: dict[str, str]) -> None:
-        self.proxy = proxy
-        self.properties = properties
-        self.instance: Instance = proxy.init(properties, log_level=Level.INFO)
-
-    def send(self, chunk: bytes, within: float = 60.0) -> None:
-        """Flushes until FLB_OK, as Fluent Bit retries a chunk answered FLB_RETRY."""
-        deadline = time.monotonic() + within
-        while (result := self.proxy.flush(self.instance, chunk, TAG)) is not Result.OK:
-            assert result is Result.RETRY, self.proxy.lines()[-3:]
-            assert time.monotonic() < deadline, self.proxy.lines()[-3:]
-            time.sleep(0.05)
-
-    def restart(self, **changes: str) -> None:
-        """Stops (its instance exits) and starts again with the properties changed."""
-        self.proxy.exit(self.instance, hot_reload=True)
-        self.proxy.unregister()
-        self.proxy.register(hot_reloading=True)
-        self.properties = {**self.properties, **changes}
-        self.instance = self.proxy.init(self.properties, log_level=Level.INFO)
 
 
 @pytest.fixture
@@ -153,28 +86,6 @@ def output_section(sidecar: Sidecar, emulator: Emulator, secret: str) -> dict[st
         "batch_interval": "50ms",
         "request_timeout": "10s",
     }
-
-
-def wait_for(condition: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def missing(emulator: Emulator, sent: Counter[str]) -> list[str]:
-    stored = emulator.store.audit_id_counts()
-    return sorted(audit_id for audit_id, n in sent.items() if stored.get(audit_id, 0) < n)
-
-
-def http_get(sidecar: Sidecar, path: str) -> tuple[int, str]:
-    [started] = sidecar.events("server_started")[-1:]
-    try:
-        with urllib.request.urlopen(f"{started['metrics']}{path}", timeout=5) as reply:  # noqa: S310
-            return int(reply.status), reply.read().decode()
-    except urllib.error.HTTPError as error:
-        return int(error.code), error.read().decode()
 
 
 def orphaned_bytes(sidecar: Sidecar) -> float:
