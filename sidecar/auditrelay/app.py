@@ -30,7 +30,6 @@ committed on the decode thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import secrets
 import signal
@@ -385,8 +384,10 @@ class App:
             try:
                 sink = await self._start_sink(settings, pipeline)
             except BaseException:
-                with contextlib.suppress(Exception):
+                try:
                     pipeline.sink = await self._start_sink(pipeline.settings, pipeline)
+                except Exception:  # gone: the plugin's next push configures it afresh
+                    del self.pipelines[pipeline.pipeline_id]
                 raise
             if isinstance(pipeline.event_filter, Closable):
                 await pipeline.event_filter.aclose()

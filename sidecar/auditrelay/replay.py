@@ -51,7 +51,7 @@ from auditrelay.filter import PolicyFilter
 from auditrelay.metrics import Metrics
 from auditrelay.model import AuditEvent, DeadLetter
 from auditrelay.sink import DeliverySink
-from auditrelay.spools import pipeline_id_for
+from auditrelay.spools import legacy_pipeline_id, pipeline_id_for
 
 HEAD_BYTES: Final = 1024  # the start of a file that, with its inode, identifies it
 BATCH_LINES: Final = 2000
@@ -534,6 +534,11 @@ class Replay:
         self.settings = PipelineSettings.from_properties(options.properties, INSTANCE_NAME)
         self.pipeline_id = pipeline_id_for(self.settings)
         self.base = options.state_dir / "replay" / self.pipeline_id
+        legacy = (
+            options.state_dir / "replay" / legacy_pipeline_id(INSTANCE_NAME, options.properties)
+        )
+        if legacy.is_dir() and not self.base.exists():
+            legacy.rename(self.base)  # a run of an earlier version, named by every property
         self.filter = PolicyFilter.from_file(self.settings.policy)
         self.metrics = Metrics()
         self.totals = Totals()
