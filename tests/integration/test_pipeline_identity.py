@@ -26,7 +26,7 @@ from auditrelay.flbproxy import FLUENT_BIT_5_1_1, GoProxy, build_plugin
 from harness.fluentbit import Chunks, FluentBit, http_get, missing, wait_for
 from harness.sidecar import REPO_ROOT, Sidecar
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # sidecar restarts, CLI runs
 
 TENANT = "72f988bf-0000-0000-0000-00000000abcd"
 CLIENT = "0a1b2c3d-0000-0000-0000-00000000abcd"
@@ -114,17 +114,17 @@ def test_a_rotated_secret_delivers_the_backlog(
     chunks = Chunks("rotate")
     flb = FluentBit(proxy, output_section(sidecar, emulator, "first"))
     flb.send(chunks.make())
-    wait_for(lambda: not missing(emulator, chunks.sent), 30, "the rows before the outage")
+    wait_for(lambda: not missing(emulator, chunks.sent), 60, "the rows before the outage")
 
     emulator.add_fault(Fault(FaultKind.STATUS, status=503))
     for _ in range(4):
         flb.send(chunks.make())
-    wait_for(lambda: 503 in statuses(emulator), 30, "a 503")
+    wait_for(lambda: 503 in statuses(emulator), 60, "a 503")
     emulator.tokens.client_secrets = {CLIENT: "second"}  # the old secret expires
     emulator.revoke_tokens()
     flb.restart(client_secret="second")
     emulator.clear_faults()
-    wait_for(lambda: not missing(emulator, chunks.sent), 60, "the backlog, with the new secret")
+    wait_for(lambda: not missing(emulator, chunks.sent), 120, "the backlog, with the new secret")
 
     first, second = sidecar.events("pipeline_configured")
     assert first["pipeline_id"] == second["pipeline_id"]
@@ -135,14 +135,14 @@ def test_a_rotated_secret_delivers_the_backlog(
     before = len(statuses(emulator))
     for _ in range(3):
         flb.send(chunks.make())
-    wait_for(lambda: 503 in statuses(emulator)[before:], 30, "a 503")
+    wait_for(lambda: 503 in statuses(emulator)[before:], 60, "a 503")
     sidecar.kill()
     emulator.tokens.client_secrets = {CLIENT: "third"}
     emulator.revoke_tokens()
     sidecar.start()
     flb.restart(client_secret="third")
     emulator.clear_faults()
-    wait_for(lambda: not missing(emulator, chunks.sent), 60, "the backlog after the restart")
+    wait_for(lambda: not missing(emulator, chunks.sent), 120, "the backlog after the restart")
 
     assert first["pipeline_id"] == sidecar.events("pipeline_configured")[-1]["pipeline_id"]
     assert 0 < sidecar.events("pipeline_started")[-1]["backlog_bytes"]
@@ -163,7 +163,7 @@ def test_a_changed_dcr_id_leaves_an_orphan_that_is_reported_and_drained(
     flb = FluentBit(proxy, {**output_section(sidecar, emulator, "first"), "dcr_id": WRONG_DCR_ID})
     for _ in range(3):
         flb.send(chunks.make())
-    wait_for(lambda: 404 in statuses(emulator), 30, "a 404 for the wrong rule")
+    wait_for(lambda: 404 in statuses(emulator), 60, "a 404 for the wrong rule")
     sidecar.kill()
     sidecar.start()
     flb.restart(dcr_id=DEFAULT_DCR_ID)
@@ -172,12 +172,12 @@ def test_a_changed_dcr_id_leaves_an_orphan_that_is_reported_and_drained(
     new = sidecar.events("pipeline_configured")[-1]["pipeline_id"]
     assert old != new
 
-    wait_for(lambda: orphaned_bytes(sidecar) > 0, 30, "the orphaned spool's metric")
+    wait_for(lambda: orphaned_bytes(sidecar) > 0, 60, "the orphaned spool's metric")
     status, text = http_get(sidecar, "/readyz")
     assert 503 == status
     assert f"spool {old} is orphaned" in text
     assert WRONG_DCR_ID in text
-    wait_for(lambda: bool(sidecar.events("spool_orphaned")), 30, "the spool_orphaned log line")
+    wait_for(lambda: bool(sidecar.events("spool_orphaned")), 60, "the spool_orphaned log line")
     assert old == sidecar.events("spool_orphaned")[0]["spool"]
 
     listed = spool_cli(sidecar.state_dir, "list", "--output", "json")
@@ -197,8 +197,8 @@ def test_a_changed_dcr_id_leaves_an_orphan_that_is_reported_and_drained(
 
     drained = spool_cli(sidecar.state_dir, "drain", old, "--to-pipeline", new)
     assert 0 == drained.returncode, drained.stderr
-    wait_for(lambda: bool(sidecar.events("spool_drained")), 30, "the running serve's drain")
-    wait_for(lambda: not missing(emulator, chunks.sent), 60, "every kept event")
-    wait_for(lambda: orphaned_bytes(sidecar) == 0, 30, "the metric to clear")
+    wait_for(lambda: bool(sidecar.events("spool_drained")), 60, "the running serve's drain")
+    wait_for(lambda: not missing(emulator, chunks.sent), 120, "every kept event")
+    wait_for(lambda: orphaned_bytes(sidecar) == 0, 60, "the metric to clear")
     assert 200 == http_get(sidecar, "/readyz")[0]
     assert not (sidecar.state_dir / "spool" / old).exists()

@@ -22,7 +22,7 @@ from auditrelay.flbproxy import FLUENT_BIT_5_1_1, GoProxy, InitError, build_plug
 from fixtures.certs import Pem, Pki, make_pki
 from harness.sidecar import Sidecar
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # sidecars start slowly under load
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +70,11 @@ def tls_sidecar(pki: Pki, server: Pem, *, require_client: bool) -> Sidecar:
 def refused_init(proxy: GoProxy, sidecar: Sidecar, **tls: str) -> str:
     """The plugin's error when its instance cannot start against the sidecar."""
     with pytest.raises(InitError) as raised:
-        proxy.init({"sidecar_address": sidecar.address, "sidecar_wait": "5s", **tls})
+        proxy.init({"sidecar_address": sidecar.address, "sidecar_wait": "10s", **tls})
     return "\n".join(line.text for line in raised.value.log)
 
 
-def sidecar_says(sidecar: Sidecar, pattern: str, within: float = 30.0) -> None:
+def sidecar_says(sidecar: Sidecar, pattern: str, within: float = 60.0) -> None:
     """Waits until the sidecar's log (stdout and stderr) matches ``pattern``."""
     deadline = time.monotonic() + within
     while not re.search(pattern, sidecar.log_text()):

@@ -32,7 +32,7 @@ from fixtures.chunks import event_time, log_record, v2_event
 from harness.fluentbit import Chunks, FluentBit, http_get, missing, wait_for
 from harness.sidecar import Sidecar
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # sidecars start slowly under load
 
 TENANT = "72f988bf-0000-0000-0000-00000000abcd"
 CLIENT = "0a1b2c3d-0000-0000-0000-00000000abcd"
@@ -148,17 +148,17 @@ def test_no_secret_appears_in_logs_metrics_readyz_files_or_errors(
             proxy, section(sidecar, emulator, auth="client_secret", client_secret=FIRST_SECRET)
         )
         flb.send(chunks.make(extra_records=bad_records()))
-        wait_for(lambda: not missing(emulator, chunks.sent), 30, "the first rows")
+        wait_for(lambda: not missing(emulator, chunks.sent), 60, "the first rows")
         emulator.add_fault(Fault(FaultKind.STATUS, status=503))
         flb.send(chunks.make(extra_records=bad_records()))
-        wait_for(lambda: 503 in [r.status for r in emulator.store.requests()], 30, "a 503")
+        wait_for(lambda: 503 in [r.status for r in emulator.store.requests()], 60, "a 503")
         emulator.tokens.client_secrets = {CLIENT: ROTATED_SECRET}
         emulator.revoke_tokens()
         emulator.clear_faults()
-        wait_for(lambda: "401" in http_get(sidecar, "/readyz")[1], 60, "the refused token")
+        wait_for(lambda: "401" in http_get(sidecar, "/readyz")[1], 120, "the refused token")
         readyz_texts.append(http_get(sidecar, "/readyz")[1])
         flb.restart(client_secret=ROTATED_SECRET)
-        wait_for(lambda: not missing(emulator, chunks.sent), 60, "the backlog")
+        wait_for(lambda: not missing(emulator, chunks.sent), 120, "the backlog")
 
         # A certificate credential, and workload identity with a federated token.
         for properties in (
@@ -167,14 +167,14 @@ def test_no_secret_appears_in_logs_metrics_readyz_files_or_errors(
         ):
             other = FluentBit(proxy, section(sidecar, emulator, **properties))
             other.send(chunks.make(extra_records=bad_records()))
-            wait_for(lambda: not missing(emulator, chunks.sent), 60, f"rows via {properties}")
+            wait_for(lambda: not missing(emulator, chunks.sent), 120, f"rows via {properties}")
 
         # A secret the authority refuses from the start: delivery fails, /readyz says why.
         failing = FluentBit(
             proxy, section(sidecar, emulator, auth="client_secret", client_secret=WRONG_SECRET)
         )
         failing.send(chunks.make(events=5))
-        wait_for(lambda: "7000215" in http_get(sidecar, "/readyz")[1], 60, "the refused secret")
+        wait_for(lambda: "7000215" in http_get(sidecar, "/readyz")[1], 120, "the refused secret")
         readyz_texts.append(http_get(sidecar, "/readyz")[1])
 
         # Configure refused by the sidecar, with a secret among the properties.
