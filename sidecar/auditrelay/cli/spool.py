@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     """Dispatches to the action."""
     actions = {"list": _list, "drain": _drain, "discard": _discard}
     if args.action is None:
-        print("auditrelay spool: say list, drain or discard (see --help)")
+        print("auditrelay spool: choose an action: list, drain, discard", file=sys.stderr)
         return EXIT_BAD_INPUT
     root = args.state_dir / "spool"
     if not root.is_dir():
