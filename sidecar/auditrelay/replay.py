@@ -42,10 +42,10 @@ import msgpack
 import orjson
 import yaml
 
-from auditrelay.app import EmbeddedEmulator
 from auditrelay.config import PipelineSettings, SpoolSync
 from auditrelay.deadletter import DeadLetterStore
 from auditrelay.decode import Reason, decode_chunk
+from auditrelay.embedded import EmbeddedEmulator
 from auditrelay.errors import ConfigError, PropertyProblem, SpoolFullError
 from auditrelay.filter import PolicyFilter
 from auditrelay.metrics import Metrics
