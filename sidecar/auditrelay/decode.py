@@ -105,13 +105,14 @@ class ChunkStream:
         while True:
             try:
                 yield from _decode(self, progress, careful=careful)
-                return
             except _UndecodableError:
                 # The events before ``progress.end`` decoded cleanly; go on from there carefully.
                 careful = True
             except _UnhashableKeyError:
                 # One event holds a map used as a map key; set it aside and go on after it.
                 self._set_aside_one_event(progress)
+            else:
+                return
 
     def _set_aside_one_event(self, progress: _Progress) -> None:
         start = progress.end
