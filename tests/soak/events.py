@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,8 +58,7 @@ def controlplane_corpus(requests: int = CORPUS_REQUESTS, seed: int = 1) -> Path:
     """The corpus.jsonl of a control-plane corpus, built once with the project's generator."""
     out = CACHE_DIR / f"controlplane-{requests}-seed{seed}"
     if not (out / "corpus.jsonl").is_file():
-        sys.path.insert(0, str(REPO_ROOT / "bench"))
-        from bench import controlplane_corpus
+        from bench import controlplane_corpus  # needs the control plane (make controlplane)
 
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
         args = argparse.Namespace(

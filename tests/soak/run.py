@@ -34,6 +34,7 @@ REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO_ROOT / "sidecar"), str(REPO_ROOT / "tests"), str(REPO_ROOT)]
 
 from auditrelay.flbproxy import FLUENT_BIT_5_1_1, GoProxy, Level, build_plugin  # noqa: E402
+from controlplane.build import BuildError  # noqa: E402
 from harness.sidecar import Sidecar  # noqa: E402
 
 from soak.chaos import FAULT_KINDS, Chaos, EmulatorHost, SidecarKeeper  # noqa: E402
@@ -291,7 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"soak: --corpus {args.corpus}: no such file", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="ar-soak-") as directory:
-        figures = soak(args, Path(directory))
+        try:
+            figures = soak(args, Path(directory))
+        except BuildError as error:  # no control plane to build the corpus with
+            print(f"soak: cannot build the control-plane corpus: {error}", file=sys.stderr)
+            return 2
     _print(figures, args.output)
     return 1 if figures["problems"] else 0
 
