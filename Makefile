@@ -74,7 +74,7 @@ soak: $(PLUGIN) controlplane ## Chaos soak: SOAK_EVENTS events of the real contr
 .PHONY: soak-ci
 soak-ci: ## The chaos soak at CI size (30,000 events, every fault kind once, under 3 minutes)
 	$(MAKE) --no-print-directory soak SOAK_EVENTS=30000 \
-	  SOAK_ARGS="--fault-seconds 2 --outage-seconds 6 --spool-limit 1M --drain-seconds 120 --max-seconds 175"
+	  SOAK_ARGS="--fault-seconds 3 --outage-seconds 6 --spool-limit 512K --drain-seconds 100 --max-seconds 175"
 
 FUZZ_RUNS ?= 1000000
 FUZZ_SECONDS ?= 0

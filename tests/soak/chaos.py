@@ -26,7 +26,7 @@ import random
 import signal
 import threading
 import time
-import urllib.request
+import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -130,21 +130,10 @@ class SidecarKeeper:
                 if line.startswith("VmRSS:"):
                     self.max_rss_bytes = max(self.max_rss_bytes, int(line.split()[1]) * 1024)
 
-    def metric(self, name: str) -> float:
-        """A counter of the sidecar's /metrics summed over labels (0 when it is down)."""
-        started = self.sidecar.events("server_started")[-1:]
-        if not started or self.pid() is None:
-            return 0.0
-        try:
-            with urllib.request.urlopen(f"{started[0]['metrics']}/metrics", timeout=5) as reply:  # noqa: S310
-                text = reply.read().decode()
-        except OSError:
-            return 0.0
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith((name + "{", name + " "))
-        )
+    def deferrals(self) -> int:
+        """How many chunks the sidecar has answered RETRY_LATER for a full spool or disk, over
+        all its restarts (its ``chunk_deferred`` log lines)."""
+        return sum(1 for _ in self.sidecar.events("chunk_deferred"))
 
 
 class Chaos:
@@ -181,7 +170,12 @@ class Chaos:
     def cycle_seconds(fault_seconds: float, outage_seconds: float) -> float:
         """How long one round of every fault kind takes at most (with the pauses between)."""
         kinds = len(FAULT_KINDS)
-        return kinds * 1.5 * fault_seconds + 2 * outage_seconds + fault_seconds
+        return (
+            kinds * 1.5 * fault_seconds
+            + outage_seconds
+            + max(outage_seconds, 4 * fault_seconds)
+            + 10
+        )
 
     def start(self) -> None:
         for target, name in ((self._killer, "killer"), (self._schedule, "faults")):
@@ -199,6 +193,7 @@ class Chaos:
             try:
                 target()
             except BaseException as error:  # reported by the runner, which fails the soak
+                traceback.print_exc()
                 self.failure = error
                 self._stop.set()
 
@@ -253,15 +248,16 @@ class Chaos:
     def _kill_in_a_write(self) -> str:
         pid = self.keeper.pid()
         deadline = time.monotonic() + 2.0
-        while pid is not None and time.monotonic() < deadline:
-            os.kill(pid, signal.SIGSTOP)
-            caught = _syscalls_of(pid) & WRITE_SYSCALLS.keys()
-            if caught:
-                os.kill(pid, signal.SIGKILL)  # while stopped: it dies where it stood
-                self.keeper.sidecar.kill()
-                return "in_" + WRITE_SYSCALLS[min(caught, key=int)]
-            os.kill(pid, signal.SIGCONT)
-            time.sleep(self._random.uniform(0.0, 0.003))
+        with contextlib.suppress(ProcessLookupError):  # it may have ended on its own meanwhile
+            while pid is not None and time.monotonic() < deadline:
+                os.kill(pid, signal.SIGSTOP)
+                caught = _syscalls_of(pid) & WRITE_SYSCALLS.keys()
+                if caught:
+                    os.kill(pid, signal.SIGKILL)  # while stopped: it dies where it stood
+                    self.keeper.sidecar.kill()
+                    return "in_" + WRITE_SYSCALLS[min(caught, key=int)]
+                os.kill(pid, signal.SIGCONT)
+                time.sleep(self._random.uniform(0.0, 0.003))
         return self._kill()
 
     # -- the fault schedule --
@@ -326,25 +322,27 @@ class Chaos:
 
     def _spool_full(self) -> None:
         """The endpoint answers 503 until the sidecar refuses chunks for a full spool."""
-        before = self.keeper.metric("auditrelay_spool_full_total")
+        before = self.keeper.deferrals()
         self._with_emulator(
             lambda emulator: emulator.add_fault(Fault(FaultKind.STATUS, status=503))
         )
-        deadline = time.monotonic() + self.outage_seconds
+        deadline = time.monotonic() + max(self.outage_seconds, 4 * self.fault_seconds)
         while not self._pause(1.0) and time.monotonic() < deadline:
-            if self.keeper.metric("auditrelay_spool_full_total") > before:
+            if self.keeper.deferrals() > before:
                 self.observed["spool_limit_reached"] += 1
                 self._pause(self.fault_seconds / 2)
                 break
         self._with_emulator(lambda emulator: emulator.clear_faults())
 
     def _disk_full(self) -> None:
-        """The state file system filled up but for a few KB, for a while."""
-        ballast = self.disk / "ballast"
-        with ballast_file(ballast):
-            self._pause(self.fault_seconds)
-            if self.keeper.metric("auditrelay_spool_full_total") > 0:
-                self.observed["state_disk_full"] += 1
+        """The state file system filled up, until the sidecar has refused a chunk for it."""
+        before = self.keeper.deferrals()
+        with ballast_file(self.disk / "ballast"):
+            deadline = time.monotonic() + max(self.fault_seconds, 10.0)
+            while not self._pause(0.5) and time.monotonic() < deadline:
+                if self.keeper.deferrals() > before:
+                    self.observed["state_disk_full"] += 1
+                    break
 
 
 @contextlib.contextmanager
