@@ -115,20 +115,22 @@ class SidecarKeeper:
     def __init__(self, sidecar: Sidecar) -> None:
         self.sidecar = sidecar
         self.max_rss_bytes = 0
+        self.max_rss_during = ""  # the fault under way when the peak was seen
         self.lock = threading.Lock()
 
     def pid(self) -> int | None:
         process = self.sidecar.process
         return process.pid if process is not None and process.poll() is None else None
 
-    def sample_rss(self) -> None:
+    def sample_rss(self, during: str) -> None:
         pid = self.pid()
         if pid is None:
             return
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    self.max_rss_bytes = max(self.max_rss_bytes, int(line.split()[1]) * 1024)
+                if line.startswith("VmRSS:") and int(line.split()[1]) * 1024 > self.max_rss_bytes:
+                    self.max_rss_bytes = int(line.split()[1]) * 1024
+                    self.max_rss_during = during
 
     def deferrals(self) -> int:
         """How many chunks the sidecar has answered RETRY_LATER for a full spool or disk, over
@@ -161,10 +163,17 @@ class Chaos:
         self.faults: Counter[str] = Counter()
         self.kills: Counter[str] = Counter()
         self.observed: Counter[str] = Counter()
+        self.active = "none"  # the fault under way
+        self.last_start = 0.0  # when the sidecar was last started again (monotonic)
         self._random = random.Random(seed)  # noqa: S311 -- chaos, not secrets
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.failure: BaseException | None = None
+
+    def phase(self) -> str:
+        """The fault under way, and whether the sidecar started again within the last 10 s."""
+        restarted = time.monotonic() - self.last_start < 10.0
+        return self.active + (", within 10 s of a restart" if restarted else "")
 
     @staticmethod
     def cycle_seconds(fault_seconds: float, outage_seconds: float) -> float:
@@ -214,6 +223,7 @@ class Chaos:
                 self.kills[where] += 1
                 self._pause(self._random.uniform(0.2, 2.0))
                 self.keeper.sidecar.start()
+                self.last_start = time.monotonic()
             turn += 1
 
     def _kill(self) -> str:
@@ -281,7 +291,9 @@ class Chaos:
         while not self._pause(self.fault_seconds / 2):
             name, inject = kinds[turn % len(kinds)]
             self.faults[name] += 1
+            self.active = name
             inject()
+            self.active = "none"
             turn += 1
 
     def _with_emulator(self, action: Callable[[Emulator], None]) -> None:

@@ -115,9 +115,9 @@ def _rate_for(args: argparse.Namespace) -> float:
     return min(MAX_RATE, float(args.events) / cycle)
 
 
-def _sample_rss(keeper: SidecarKeeper, stop: threading.Event) -> None:
+def _sample_rss(keeper: SidecarKeeper, chaos: Chaos, stop: threading.Event) -> None:
     while not stop.wait(0.2):
-        keeper.sample_rss()
+        keeper.sample_rss(chaos.phase())
 
 
 def _wait_for_delivery(emulators: EmulatorHost, kept: set[str], until: float) -> dict[str, int]:
@@ -166,7 +166,7 @@ def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             seed=args.seed,
         )
         sampling = threading.Event()
-        sampler = threading.Thread(target=_sample_rss, args=(keeper, sampling), daemon=True)
+        sampler = threading.Thread(target=_sample_rss, args=(keeper, chaos, sampling), daemon=True)
         sampler.start()
         engine.start()
         chaos.start()
@@ -234,6 +234,7 @@ def _figures(
         "faults_observed": dict(sorted(chaos.observed.items())),
         "sidecar_kills": dict(sorted(chaos.kills.items())),
         "max_rss_mib": round(keeper.max_rss_bytes / 1048576, 1),
+        "max_rss_during": keeper.max_rss_during,
         "input_seconds": round(input_seconds, 1),
         "seconds": round(elapsed, 1),
         "command": "python3 tests/soak/run.py " + " ".join(_argv_of(args)),
