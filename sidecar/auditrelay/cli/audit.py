@@ -350,6 +350,7 @@ def _enable(args: argparse.Namespace) -> int:
     policy = _required_policy(args)
     setup = _require_setup(args)
     store = _backup_store(args, setup.distro)
+    assess(setup, args.policy)  # a file that cannot be read is refused before anything is written
     with node_lock(store.slot.parent, args.lock_wait) if not args.dry_run else _no_lock():
         report = assess(setup, args.policy)
         if report["state"] != "off" and not args.replace_policy:
