@@ -210,7 +210,8 @@ def _required_policy(args: argparse.Namespace) -> bytes:
         data: bytes = args.policy.read_bytes()
     except OSError as error:
         raise AuditSetupError(f"--policy {args.policy}: cannot read: {error.strerror}") from error
-    parse_policy(data, str(args.policy))
+    for warning in parse_policy(data, str(args.policy)).warnings:
+        print(f"auditrelay audit: {args.policy}: warning: {warning}", file=sys.stderr)
     return data
 
 
