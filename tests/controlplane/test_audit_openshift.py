@@ -139,7 +139,7 @@ def test_default_moves_to_write_request_bodies_and_back(
 def test_other_profiles_are_left_alone(
     plane: ControlPlane, objects: Any, profile: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A profile the operator chose stays; enable reports it (None records nothing: exit 1)."""
+    """A profile the operator chose stays; enable reports it and exits 0."""
     _create(objects, {"profile": profile})
     version = _read(objects)["metadata"]["resourceVersion"]
 
@@ -147,7 +147,7 @@ def test_other_profiles_are_left_alone(
     report = json.loads(capsys.readouterr().out)
 
     assert ("unchanged", profile) == (report["action"], report["profile"])
-    assert (1 if profile == "None" else 0) == code
+    assert 0 == code
     assert version == _read(objects)["metadata"]["resourceVersion"]
 
 

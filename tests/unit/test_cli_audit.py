@@ -101,8 +101,8 @@ def test_rollback_twice_is_a_no_op(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_already_audited_manifest_is_left_alone(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A manifest with audit flags: enable changes nothing and reports the policy verdict
-    (the node's policy records less than required: exit 1, gaps listed)."""
+    """A manifest with audit flags: enable changes nothing (exit 0) and reports the policy
+    verify verdict (the node's policy records less than required: the gaps are listed)."""
     manifest = _node(tmp_path, KUBEADM_AUDITED)
     policy = tmp_path / "etc/kubernetes/audit/policy.yaml"
     policy.parent.mkdir(parents=True)
@@ -112,7 +112,7 @@ def test_already_audited_manifest_is_left_alone(
     code = _audit("enable", "--host-root", str(tmp_path), "--no-wait", "--output", "json")
     report = _json(capsys)
 
-    assert (1, "unchanged") == (code, report["action"])
+    assert (0, "unchanged") == (code, report["action"])
     assert any("RequestResponse required" in str(note) for note in report["notes"])  # type: ignore[attr-defined]
     assert before == manifest.read_bytes()
 
@@ -178,7 +178,11 @@ def test_missing_backup_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture
 
     code = _audit("rollback", "--host-root", str(tmp_path), "--no-wait")
 
-    assert (2, 2) == (never, code)
+    missing_ok = _audit(
+        "rollback", "--host-root", str(tmp_path), "--distro", "k3s", "--no-wait", "--missing-ok"
+    )
+
+    assert (2, 2, 0) == (never, code, missing_ok)
     assert "no backup here" in never_message
     assert "the backup of" in capsys.readouterr().err
     assert enabled == manifest.read_bytes()
@@ -354,7 +358,7 @@ def test_rke2_cis_without_policy_file_logs_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """profile: cis turns auditing on, but with no policy file RKE2 writes a `level: None`
-    one: status says on-but-gaps (exit 1) and why; enable leaves the config alone."""
+    one: status says on-but-gaps (exit 1) and why; enable leaves the config alone (exit 0)."""
     config = _rancher_node(tmp_path, "rke2", "config-cis.yaml")
     before = config.read_bytes()
 
@@ -363,7 +367,7 @@ def test_rke2_cis_without_policy_file_logs_nothing(
 
     assert (1, "on-but-gaps") == (code, report["state"])
     assert "records nothing" in str(report["problems"])
-    assert 1 == _audit("enable", "--host-root", str(tmp_path), "--no-wait")
+    assert 0 == _audit("enable", "--host-root", str(tmp_path), "--no-wait")
     assert before == config.read_bytes()
 
 

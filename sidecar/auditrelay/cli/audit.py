@@ -5,8 +5,8 @@
   rotation, and the ``policy verify`` verdict of that policy against the required one.
   Exit status: 0 on, 1 on but with gaps, 3 off, 4 cannot tell, 2 bad input.
 * ``enable`` turns it on where it is off, keeps a backup, waits for the API server to come back
-  writing its log, and restores the backup when it does not. Already on: changes nothing.
-  Exit status: 0 done (or nothing to do), 1 rolled back or a gap found, 2 bad input.
+  writing its log, and restores the backup when it does not. Already on: changes nothing and
+  prints the verdict. Exit status: 0 done or nothing to do, 1 rolled back, 2 bad input.
 * ``rollback`` restores what ``enable`` changed, byte for byte. Exit status as for enable.
 """
 
@@ -60,8 +60,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     enable = commands.add_parser(
         "enable",
         help="turn audit logging on where it is off (backup, wait, automatic rollback)",
-        description="Exit status: 0 enabled or already on, 1 rolled back after a failed restart "
-        "(the reason is printed) or already on with gaps, 2 bad input.",
+        description="Exit status: 0 enabled, or already on and left alone (the policy verify "
+        "verdict is printed), 1 rolled back after a failed restart (the reason is printed), "
+        "2 bad input.",
     )
     rollback = commands.add_parser(
         "rollback",
@@ -86,6 +87,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     rollback.add_argument(
         "--force", action="store_true", help="restore even if the file changed since enable"
+    )
+    rollback.add_argument(
+        "--missing-ok",
+        action="store_true",
+        help="no backup (enable changed nothing here) is not an error: exit 0",
     )
     status.set_defaults(action=_status)
     enable.set_defaults(action=_enable)
@@ -375,7 +381,7 @@ def _already_on(args: argparse.Namespace, setup: NodeSetup, report: dict[str, An
     outcome.notes += [f"missing: {m['request']}: {m['problem']}" for m in report["missing"]]
     outcome.notes += report["problems"]
     _print_outcome(args, outcome)
-    return EXIT_ON if report["state"] == "on" else EXIT_GAPS
+    return EXIT_ON
 
 
 def _cluster_configuration(
@@ -423,6 +429,11 @@ def _rollback(args: argparse.Namespace) -> int:
         )
         _print_outcome(args, outcome)
         return 0
+    if args.missing_ok and store.active() is None and store.rolled_back() is None:
+        outcome = Outcome("nothing-to-do", setup.distro, str(setup.target))
+        outcome.notes.append(f"no backup in {store.slot}: enable changed nothing on this node")
+        _print_outcome(args, outcome)
+        return EXIT_ON
     with node_lock(store.slot.parent, args.lock_wait):
         outcome = setup.rollback(store, _wait_settings(args), args.force)
     _print_outcome(args, outcome)
@@ -488,8 +499,6 @@ def _openshift_status(args: argparse.Namespace) -> int:
 def _openshift_enable(args: argparse.Namespace) -> int:
     outcome = openshift.enable(openshift.connect(args.kubeconfig), dry_run=args.dry_run)
     _print_profile(args, outcome)
-    if outcome.action == "unchanged" and openshift.state_of(outcome.profile) != "on":
-        return EXIT_GAPS
     return EXIT_ON
 
 
