@@ -117,6 +117,30 @@ def test_already_audited_manifest_is_left_alone(
     assert before == manifest.read_bytes()
 
 
+def test_replace_policy_installs_ours_and_restarts_through_the_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--replace-policy on a node whose audit logging is on: the node's policy file gets the
+    required policy, the manifest only an annotation with its checksum (so the kubelet restarts
+    kube-apiserver); rollback puts both back byte for byte."""
+    manifest = _node(tmp_path, KUBEADM_AUDITED)
+    policy = tmp_path / "etc/kubernetes/audit/policy.yaml"
+    policy.parent.mkdir(parents=True)
+    policy.write_text("apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n- level: Metadata\n")
+    before = manifest.read_bytes(), policy.read_bytes()
+    bundled = (REPO / "audit_policy.yaml").read_bytes()
+
+    code = _audit("enable", "--host-root", str(tmp_path), "--no-wait", "--replace-policy")
+    added = set(manifest.read_text().splitlines()) - set(before[0].decode().splitlines())
+
+    assert (0, bundled) == (code, policy.read_bytes())
+    assert {f"    auditrelay.io/audit-policy-sha256: {sha256(bundled)}"} == added
+    capsys.readouterr()
+    assert 0 == _audit("status", "--host-root", str(tmp_path))
+    assert 0 == _audit("rollback", "--host-root", str(tmp_path), "--no-wait")
+    assert before == (manifest.read_bytes(), policy.read_bytes())
+
+
 def test_dry_run_prints_the_diff_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -20,6 +20,7 @@ from auditrelay.audit import yamledit
 from auditrelay.audit.errors import AuditSetupError
 
 DEFAULT_MANIFEST: Final = Path("/etc/kubernetes/manifests/kube-apiserver.yaml")
+POLICY_ANNOTATION: Final = "auditrelay.io/audit-policy-sha256"
 AUDIT_FLAG_NAMES: Final = (
     "audit-policy-file",
     "audit-log-path",
@@ -223,6 +224,23 @@ def plan_enable(pod: StaticPod, target: AuditTarget) -> ManifestEdit:
     text = yamledit.apply(pod.text, insertions)
     _check_result(text, expected, pod.source)
     return ManifestEdit(text, tuple(changes))
+
+
+def plan_policy_restart(pod: StaticPod, policy_sha256: str) -> ManifestEdit:
+    """The manifest with the policy's checksum in an annotation: a changed pod makes the kubelet
+    restart kube-apiserver, which reads its policy file only at start."""
+    metadata = yamledit.get(pod.root, "metadata")
+    annotations = yamledit.get(metadata, "annotations") if metadata is not None else None
+    if annotations is None:
+        raise AuditSetupError(f"{pod.source}: metadata.annotations: expected a mapping to add to")
+    insertion = yamledit.set_scalar_key(
+        pod.text, annotations, POLICY_ANNOTATION, policy_sha256, pod.source
+    )
+    expected = copy.deepcopy(pod.document)
+    expected["metadata"]["annotations"][POLICY_ANNOTATION] = policy_sha256
+    text = yamledit.apply(pod.text, [insertion])
+    _check_result(text, expected, pod.source)
+    return ManifestEdit(text, (f"set annotation {POLICY_ANNOTATION}: {policy_sha256}",))
 
 
 def _missing_volumes(

@@ -160,6 +160,57 @@ class NodeSetup:
         atomic_write(self.target, edit.text.encode(), mode=0o600)
         return self._await_or_restore(store, outcome, wait, self.host(planned.log_path))
 
+    def replace_policy(
+        self, store: BackupStore, policy: bytes, wait: WaitSettings, dry_run: bool
+    ) -> Outcome:
+        """Audit logging is on: the node's policy file gets ``policy``, and the API server is
+        restarted to read it (kubeadm: an annotation with the policy's checksum changes the
+        pod, so the kubelet restarts it; k3s and RKE2: the restart command)."""
+        flags = self.audit_flags()
+        policy_path = self.policy_on_host(flags)
+        if policy_path is None:
+            raise AuditSetupError(
+                f"the policy file {flags.policy_file} is not on a hostPath volume of "
+                f"{self.target}; replace it by hand"
+            )
+        outcome = Outcome("policy-replaced", self.distro, str(self.target))
+        current = policy_path.read_bytes() if policy_path.exists() else b""
+        if current == policy:
+            outcome.action = "unchanged"
+            outcome.notes.append(f"{policy_path} already holds the required policy")
+            return outcome
+        original = self._read_target()
+        written = original
+        if self.distro == "kubeadm":
+            pod = kubeadm.read_static_pod(self.target)
+            edit = kubeadm.plan_policy_restart(pod, sha256(policy))
+            written = edit.text.encode()
+            outcome.changes += list(edit.changes)
+        outcome.diff = unified_diff(
+            current.decode(errors="replace"), policy.decode(), str(policy_path)
+        )
+        outcome.diff += unified_diff(original.decode(), written.decode(), str(self.target))
+        outcome.changes.append(f"replaced the policy {policy_path}")
+        if dry_run:
+            outcome.action = "dry-run"
+            return outcome
+        check_writable(policy_path.parent)
+        files = [FileChange(str(policy_path), sha256(current) if current else None, sha256(policy))]
+        originals = {str(policy_path): current} if current else {}
+        if written != original:
+            check_writable(self.target.parent)
+            files.append(FileChange(str(self.target), sha256(original), sha256(written)))
+            originals[str(self.target)] = original
+        store.save(BackupRecord(self.distro, list(outcome.changes), files), originals)
+        atomic_write(policy_path, policy)
+        if written != original:
+            atomic_write(self.target, written)
+        log = self.log_on_host(flags)
+        if log is None:
+            outcome.notes.append("the audit log is not on a hostPath: not waited")
+            return outcome
+        return self._await_or_restore(store, outcome, wait, log)
+
     def _read_target(self) -> bytes:
         try:
             return self.target.read_bytes()

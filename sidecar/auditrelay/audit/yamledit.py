@@ -23,10 +23,11 @@ _ITEM_PREFIX = re.compile(r"^( *)- +$")
 
 @dataclass(frozen=True, slots=True)
 class Insertion:
-    """``text`` to insert at character ``offset`` of the document."""
+    """``text`` to insert at character ``offset`` of the document, replacing up to ``end``."""
 
     offset: int
     text: str
+    end: int | None = None
 
 
 def compose(text: str, source: str) -> yaml.Node:
@@ -63,8 +64,30 @@ def apply(text: str, insertions: Sequence[Insertion]) -> str:
         added = insertion.text
         if insertion.offset == len(text) and text and not text.endswith("\n"):
             added = "\n" + added
-        text = text[: insertion.offset] + added + text[insertion.offset :]
+        end = insertion.offset if insertion.end is None else insertion.end
+        text = text[: insertion.offset] + added + text[end:]
     return text
+
+
+def replace_scalar(node: yaml.Node, value: str) -> Insertion:
+    """A scalar's text replaced by ``value`` (plain or double-quoted, as ``scalar`` decides)."""
+    if not isinstance(node, yaml.ScalarNode) or node.style in ("|", ">"):
+        raise AuditSetupError(f"line {line_of(node)}: expected a one-line value here")
+    return Insertion(node.start_mark.index, scalar(value), end=node.end_mark.index)
+
+
+def set_scalar_key(text: str, mapping: yaml.Node, key: str, value: str, source: str) -> Insertion:
+    """``key: value`` in a block mapping: the value replaced when the key is there, else the
+    pair appended after the last entry, at the column of the mapping's keys."""
+    existing = get(mapping, key)
+    if existing is not None:
+        return replace_scalar(existing, value)
+    if not isinstance(mapping, yaml.MappingNode) or not mapping.value:
+        raise AuditSetupError(f"{source}:{line_of(mapping)}: expected a non-empty mapping here")
+    _refuse_flow(mapping, source)
+    column = mapping.value[0][0].start_mark.column
+    line = " " * column + f"{scalar(key)}: {scalar(value)}\n"
+    return Insertion(_after(text, mapping.value[-1][1]), line)
 
 
 def scalar(value: str) -> str:

@@ -77,7 +77,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     enable.add_argument(
         "--replace-policy",
         action="store_true",
-        help="also when audit logging is already on: install --policy in place of the node's",
+        help="also when audit logging is already on: install --policy in place of the node's "
+        "policy file (backed up) and restart the API server to read it",
     )
     enable.add_argument(
         "--cluster-config",
@@ -363,13 +364,9 @@ def _enable(args: argparse.Namespace) -> int:
         if report["state"] != "off" and not args.replace_policy:
             return _already_on(args, setup, report)
         if report["state"] != "off":
-            raise AuditSetupError(
-                "--replace-policy: audit logging is on; replace the file "
-                f"{report.get('policyOnNode') or report['audit']['policyFile']} with --policy "
-                "and restart the API server by hand (docs/helm.md), so that the node's own "
-                "policy stays under your control"
-            )
-        outcome = setup.enable(store, policy, _wait_settings(args), args.dry_run)
+            outcome = setup.replace_policy(store, policy, _wait_settings(args), args.dry_run)
+        else:
+            outcome = setup.enable(store, policy, _wait_settings(args), args.dry_run)
         _cluster_configuration(args, setup, store, outcome)
     _print_outcome(args, outcome)
     return outcome.exit_code
@@ -387,7 +384,7 @@ def _already_on(args: argparse.Namespace, setup: NodeSetup, report: dict[str, An
 def _cluster_configuration(
     args: argparse.Namespace, setup: NodeSetup, store: BackupStore, outcome: Outcome
 ) -> None:
-    if setup.distro != "kubeadm" or outcome.exit_code != 0:
+    if setup.distro != "kubeadm" or outcome.exit_code != 0 or outcome.action == "policy-replaced":
         return
     if args.cluster_config is None:
         outcome.notes.append(
