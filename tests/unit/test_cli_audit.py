@@ -382,7 +382,8 @@ def test_rke2_cis_without_policy_file_logs_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """profile: cis turns auditing on, but with no policy file RKE2 writes a `level: None`
-    one: status says on-but-gaps (exit 1) and why; enable leaves the config alone (exit 0)."""
+    one: status says on-but-gaps (exit 1) and why; enable leaves the config alone and writes
+    the required policy where RKE2 would have written its empty one."""
     config = _rancher_node(tmp_path, "rke2", "config-cis.yaml")
     before = config.read_bytes()
 
@@ -393,6 +394,10 @@ def test_rke2_cis_without_policy_file_logs_nothing(
     assert "records nothing" in str(report["problems"])
     assert 0 == _audit("enable", "--host-root", str(tmp_path), "--no-wait")
     assert before == config.read_bytes()
+    assert (REPO / "audit_policy.yaml").read_bytes() == (
+        tmp_path / "etc/rancher/rke2/audit-policy.yaml"
+    ).read_bytes()
+    assert 0 == _audit("status", "--host-root", str(tmp_path))
 
 
 def test_rke2_policy_with_only_none_rules_is_a_gap(

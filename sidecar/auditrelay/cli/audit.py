@@ -250,6 +250,7 @@ def assess(setup: NodeSetup, required: Path) -> dict[str, Any]:
     if policy is None or not policy.is_file():
         where = policy or flags.policy_file
         if setup.distro == "rke2":
+            report["rke2PolicyMissing"] = True
             problems.append(
                 f"{where} does not exist: RKE2 writes a policy with one `level: None` rule "
                 "there at start, which records nothing"
@@ -361,7 +362,8 @@ def _enable(args: argparse.Namespace) -> int:
     assess(setup, args.policy)  # a file that cannot be read is refused before anything is written
     with node_lock(store.slot.parent, args.lock_wait) if not args.dry_run else _no_lock():
         report = assess(setup, args.policy)
-        if report["state"] != "off" and not args.replace_policy:
+        replace = args.replace_policy or report.get("rke2PolicyMissing", False)
+        if report["state"] != "off" and not replace:
             return _already_on(args, setup, report)
         if report["state"] != "off":
             outcome = setup.replace_policy(store, policy, _wait_settings(args), args.dry_run)
