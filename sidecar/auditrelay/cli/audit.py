@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any, Final
@@ -26,14 +27,13 @@ from auditrelay.audit.files import node_lock
 from auditrelay.audit.kubeadm import (
     DEFAULT_MANIFEST,
     KUBEADM_TARGET,
-    AuditFlags,
     plan_cluster_configuration,
 )
 from auditrelay.audit.node import NodeSetup, Outcome, WaitSettings
-from auditrelay.cli.policy import verify
+from auditrelay.audit.status import assess
 from auditrelay.config import BUNDLED_POLICY
 from auditrelay.errors import PolicyError
-from auditrelay.policy import compile_policy, load_policy, parse_policy
+from auditrelay.policy import parse_policy
 
 EXIT_ON: Final = 0
 EXIT_GAPS: Final = 1
@@ -226,67 +226,6 @@ def _required_policy(args: argparse.Namespace) -> bytes:
 # status
 
 
-def assess(setup: NodeSetup, required: Path) -> dict[str, Any]:
-    """The node's audit state: on / off / on-but-gaps / cannot-tell, with what shows it."""
-    flags = setup.audit_flags()
-    report: dict[str, Any] = {
-        "distro": setup.distro,
-        "file": str(setup.target),
-        "audit": flags.to_json(),
-        "problems": [],
-        "missing": [],
-    }
-    if not flags.on:
-        report["state"] = "off"
-        report["problems"] = _off_reasons(flags)
-        return report
-    problems: list[str] = report["problems"]
-    if flags.log_format != "json":
-        problems.append(f"--audit-log-format={flags.log_format}: Fluent Bit's parser needs json")
-    if setup.log_on_host(flags) is None:
-        problems.append(f"--audit-log-path={flags.log_path} is not on a hostPath volume")
-    policy = setup.policy_on_host(flags)
-    report["state"] = "on"
-    if policy is None or not policy.is_file():
-        where = policy or flags.policy_file
-        if setup.distro == "rke2":
-            report["rke2PolicyMissing"] = True
-            problems.append(
-                f"{where} does not exist: RKE2 writes a policy with one `level: None` rule "
-                "there at start, which records nothing"
-            )
-            report["state"] = "on-but-gaps"
-        else:
-            problems.append(f"the policy file {where} does not exist on the node")
-            report["state"] = "cannot-tell"
-        return report
-    report["policyOnNode"] = str(policy)
-    cluster = compile_policy(load_policy(policy))
-    probes, shortfalls = verify(cluster, compile_policy(load_policy(required)))
-    report["requestsChecked"] = len(probes)
-    report["missing"] = [found.to_json() for found in shortfalls]
-    if _records_nothing(cluster.policy.rules):
-        problems.append(f"{policy} has only `level: None` rules: it records nothing")
-    if shortfalls or problems:
-        report["state"] = "on-but-gaps"
-    return report
-
-
-def _records_nothing(rules: Any) -> bool:
-    return all(rule.level.text == "None" for rule in rules)
-
-
-def _off_reasons(flags: AuditFlags) -> list[str]:
-    reasons = []
-    if not flags.policy_file:
-        reasons.append("--audit-policy-file is not set: nothing is audited")
-    if not flags.log_path:
-        reasons.append("--audit-log-path is not set: no log file is written")
-    elif flags.log_path == "-":
-        reasons.append("--audit-log-path=- writes to stdout, not to a file Fluent Bit can tail")
-    return reasons
-
-
 _STATE_CODES: Final = {
     "on": EXIT_ON,
     "on-but-gaps": EXIT_GAPS,
@@ -360,7 +299,11 @@ def _enable(args: argparse.Namespace) -> int:
     setup = _require_setup(args)
     store = _backup_store(args, setup.distro)
     assess(setup, args.policy)  # a file that cannot be read is refused before anything is written
-    with node_lock(store.slot.parent, args.lock_wait) if not args.dry_run else _no_lock():
+    with (
+        node_lock(store.slot.parent, args.lock_wait)
+        if not args.dry_run
+        else contextlib.nullcontext()
+    ):
         report = assess(setup, args.policy)
         replace = args.replace_policy or report.get("rke2PolicyMissing", False)
         if report["state"] != "off" and not replace:
@@ -447,14 +390,6 @@ def _require_setup(args: argparse.Namespace) -> NodeSetup:
             "name one with --manifest, --config or --distro"
         )
     return setup
-
-
-class _no_lock:  # noqa: N801  (reads as the context manager it stands in for)
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _print_outcome(args: argparse.Namespace, outcome: Outcome) -> None:
