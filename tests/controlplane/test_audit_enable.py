@@ -76,7 +76,10 @@ def test_enable_starts_auditing_and_rollback_stops_it(
 
     assert 0 == rolled_back
     assert original == node.manifest.read_bytes()
+    # The kubelet restarts the pod from the restored manifest, without the audit flags.
+    wait_until(lambda: len(kubelet.argvs) >= 3, timeout=60, what="the restored pod")
     assert not any(word.startswith("--audit-") for word in kubelet.current_argv)
+    _await_ready(node)
 
 
 @pytest.mark.timeout(900)
