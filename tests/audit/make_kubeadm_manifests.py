@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from controlplane.build import ldflags  # noqa: E402  (after the path set-up above)
+from controlplane.build import ldflags
 
 RELEASES = ("v1.30.14", "v1.33.13", "v1.37.2")
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -62,9 +62,7 @@ class MakeError(Exception):
 def _go(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
     command = ["nice", "-n", "10", "go", *args]
     print("+", " ".join(command), f"(in {cwd})", flush=True)
-    result = subprocess.run(
-        command, cwd=cwd, env=env, check=False, capture_output=True, text=True
-    )
+    result = subprocess.run(command, cwd=cwd, env=env, check=False, capture_output=True, text=True)
     if result.returncode != 0:
         raise MakeError(f"go {' '.join(args)} failed:\n{result.stderr[-4000:]}")
     return result.stdout
@@ -100,7 +98,7 @@ def build_kubeadm(release: str) -> Path:
     _go(
         [
             "build",
-            "-p=1",
+            "-p=2",
             "-trimpath",
             f"-ldflags={ldflags(release)}",
             "-o",
@@ -206,7 +204,9 @@ def _manifest(kubeadm: Path, release: str, api_version: str, audited: bool) -> b
             text=True,
         )
         if result.returncode != 0:
-            raise MakeError(f"kubeadm {release} init phase control-plane apiserver:\n{result.stderr}")
+            raise MakeError(
+                f"kubeadm {release} init phase control-plane apiserver:\n{result.stderr}"
+            )
         return (root / "etc" / "kubernetes" / "manifests" / "kube-apiserver.yaml").read_bytes()
 
 
