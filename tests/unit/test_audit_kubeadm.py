@@ -81,13 +81,14 @@ def test_enabled_manifest_runs_with_audit_flags_and_mounts(release: Path) -> Non
 
 
 def test_already_audited_manifest_is_on(release: Path) -> None:
-    """kubeadm's manifest from a ClusterConfiguration with audit extraArgs reads as on."""
+    """kubeadm's manifest from a ClusterConfiguration with audit extraArgs reads as on; its
+    hostPath volumes are recognised (a plan would add only the flag it lacks, never a volume)."""
     text = (release / "kube-apiserver-audited.yaml").read_text()
     pod = parse_static_pod(text, "kube-apiserver-audited.yaml")
 
     assert pod.audit.on
     assert "/etc/kubernetes/audit/policy.yaml" == pod.audit.policy_file
-    assert plan_enable(pod, KUBEADM_TARGET).changes == ()
+    assert ("added --audit-log-format=json to command",) == plan_enable(pod, KUBEADM_TARGET).changes
 
 
 def test_cluster_configuration_gets_the_flags_in_its_shape(release: Path) -> None:
