@@ -12,6 +12,7 @@ a 409 Conflict (someone else wrote in between) means reading again and deciding 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -42,11 +43,11 @@ class CustomObjects(Protocol):
     ) -> Any: ...
 
 
-def connect(kubeconfig: str | None) -> CustomObjects:
+def connect(kubeconfig: Path | None) -> CustomObjects:
     """A CustomObjectsApi from ``kubeconfig``, the pod's service account, or ~/.kube/config."""
     try:
         if kubeconfig:
-            config.load_kube_config(config_file=kubeconfig)
+            config.load_kube_config(config_file=str(kubeconfig))
         else:
             try:
                 config.load_incluster_config()
