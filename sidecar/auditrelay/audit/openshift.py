@@ -12,8 +12,8 @@ a 409 Conflict (someone else wrote in between) means reading again and deciding 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, Protocol
 
 from kubernetes import client, config
