@@ -156,6 +156,16 @@ class Metrics:
             "Largest uncompressed body of one request: max_request_raw_bytes, or 1048576 once "
             "the endpoint refused a body for its uncompressed size.",
         )
+        self.spool_orphaned_bytes = Gauge(
+            "auditrelay_spool_orphaned_bytes",
+            "Bytes pending in spools that no configured pipeline owns (see auditrelay spool list).",
+            registry=reg,
+        )
+        self.spools_orphaned = Gauge(
+            "auditrelay_spools_orphaned",
+            "Spools with pending rows that no configured pipeline owns.",
+            registry=reg,
+        )
         self.request_duration = Histogram(
             "auditrelay_request_duration_seconds",
             "Duration of one request to the Logs Ingestion API.",
