@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from harness.fluentbit import MARKER
 
+pytest_plugins = ["pytester"]  # tests/unit/test_skipped_fluent_bit_line.py runs pytest itself
+
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     """One loud last line, after pytest's own summary, when tests that run the real fluent-bit
@@ -13,9 +15,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if not isinstance(reporter, pytest.TerminalReporter):
         return
     skipped = [
-        report.nodeid
-        for report in reporter.stats.get("skipped", [])
-        if MARKER in report.keywords
+        report.nodeid for report in reporter.stats.get("skipped", []) if MARKER in report.keywords
     ]
     if skipped:
         reporter.write_line(

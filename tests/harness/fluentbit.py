@@ -13,13 +13,14 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from functools import cache
 from typing import Final, TypeVar
 
 import pytest
 
 MARKER: Final = "fluent_bit"
-Test = TypeVar("Test")
+Test = TypeVar("Test", bound=Callable[..., object])
 _GIVEN: Final = os.environ.get("FLUENT_BIT", "")
 FLUENT_BIT: Final = _GIVEN or shutil.which("fluent-bit") or ""
 

@@ -11,6 +11,7 @@ bundled emulator, so every test can check what was delivered, not only what was 
 
 from __future__ import annotations
 
+import functools
 import re
 import signal
 import socket
@@ -165,6 +166,15 @@ def events_accepted(sidecar: Sidecar) -> int:
     return sum(int(event["events_accepted"]) for event in sidecar.events("chunk_accepted"))
 
 
+def reloads_done(fluent_bit: FluentBit, count: int) -> bool:
+    """Fluent Bit has logged exactly `count` successful reloads."""
+    return fluent_bit.log_text().count("[reload] successful reload done") == count
+
+
+def accepted_at_least(sidecar: Sidecar, count: int) -> bool:
+    return events_accepted(sidecar) >= count
+
+
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     """A short directory: a Unix socket path must stay under 108 bytes."""
@@ -230,12 +240,12 @@ def test_hot_reload_twenty_times_under_load_loses_nothing(
                 before = len(fluent_bit.appended)
             fluent_bit.reload()
             wait_for(
-                lambda n=done: fluent_bit.log_text().count("[reload] successful reload done") == n,
+                functools.partial(reloads_done, fluent_bit, done),
                 f"reload {done} of {RELOADS}",
                 fluent_bit.logs,
             )
             wait_for(
-                lambda n=before: events_accepted(sidecar) >= n,
+                functools.partial(accepted_at_least, sidecar, before),
                 f"forwarding after reload {done}",
                 fluent_bit.logs,
             )
