@@ -15,6 +15,7 @@ import functools
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import tempfile
 import threading
@@ -143,13 +144,18 @@ class FluentBit:
     def delivered(self) -> Counter[str]:
         """How often each auditID reached the sidecar's emulator."""
         store = Store.in_directory(self.sidecar.state_dir / "emulator")
-        return Counter(store.audit_id_counts()) if store.path.exists() else Counter()
+        try:
+            return Counter(store.audit_id_counts())
+        except sqlite3.OperationalError:  # the emulator has not created its tables yet
+            return Counter()
 
-    def wait_delivered(self, what: str) -> None:
-        """Waits until every appended event was delivered, and fails on any duplicate."""
+    def wait_delivered(self, what: str, *, exactly_once: bool = True) -> None:
+        """Waits until every appended event was delivered; fails on any duplicate unless the
+        test killed the sidecar (a SIGKILL between delivery and its record means at least once)."""
         wanted = Counter(self.appended)
         wait_for(lambda: set(self.delivered()) == set(wanted), what, self.logs)
-        assert wanted == self.delivered(), "delivered more than once"
+        if exactly_once:
+            assert wanted == self.delivered(), "delivered more than once"
 
 
 def wait_for(condition: Callable[[], bool], what: str, explain: Callable[[], str]) -> None:
@@ -264,8 +270,8 @@ def test_hot_reload_twenty_times_under_load_loses_nothing(
 def test_sidecar_restart_costs_fluent_bit_one_retry(
     fluent_bit: FluentBit, sidecar: Sidecar
 ) -> None:
-    """When the sidecar crashes and comes back, Fluent Bit retries the chunk and it gets through;
-    nothing is lost."""
+    """When the sidecar crashes (SIGKILL) and comes back, Fluent Bit retries the chunk and it gets
+    through; nothing is lost (at least once: a batch delivered just before the kill may repeat)."""
     fluent_bit.write_config()
     fluent_bit.append_events(10)
     fluent_bit.start()
@@ -278,7 +284,7 @@ def test_sidecar_restart_costs_fluent_bit_one_retry(
         fluent_bit.logs,
     )
     sidecar.start()
-    fluent_bit.wait_delivered("the 10 events held while the sidecar was down")
+    fluent_bit.wait_delivered("the 10 events held while the sidecar was down", exactly_once=False)
     assert "configured again after a sidecar restart" in fluent_bit.log_text()
 
 
