@@ -59,7 +59,7 @@ fluent-bit-given:
 	@test -x "$(FLUENT_BIT)" || { echo "test-fluent-bit: FLUENT_BIT=$(FLUENT_BIT) is not an executable file"; exit 2; }
 
 test-fluent-bit: fluent-bit-given $(PLUGIN) helm-tools ## Every test that runs a real Fluent Bit: make test-fluent-bit FLUENT_BIT=/path/to/fluent-bit
-	FLUENT_BIT="$(abspath $(FLUENT_BIT))" $(PYTHON) -m pytest -m fluent_bit tests
+	FLUENT_BIT="$(abspath $(FLUENT_BIT))" $(PYTHON) -m pytest -m fluent_bit tests/integration tests/helm
 
 .PHONY: controlplane
 controlplane: ## Build the test control plane (kube-apiserver & co. from the pinned release; cached)

@@ -112,7 +112,7 @@ class FluentBit:
             "/var/fluent-bit/state/": f"{self.workdir}/state/",
             "unix:///run/auditrelay/relay.sock": f"unix://{self.sidecar.socket}",
             "/fluent-bit/etc/conf/plugins.conf": str(self.workdir / "plugins.conf"),
-            "HTTP_Listen               127.0.0.1": f"HTTP_Listen 127.0.0.1\nHTTP_Port {self.port}",
+            "HTTP_Listen               127.0.0.1": f"HTTP_Listen 127.0.0.1\n    HTTP_Port {self.port}",
             "Grace                     30": "Grace 30\n    Hot_Reload On",
             "Workers                  1": f"Workers {self.workers}",
         }.items():
@@ -167,7 +167,8 @@ def running(binary: str, workers: int) -> Iterator[FluentBit]:
         try:
             fluent_bit.append(100)
             fluent_bit.start()
-            assert wait_until(lambda: fluent_bit.records("tail.0") == 100, 60)
+            started = wait_until(lambda: fluent_bit.records("tail.0") == 100, 60)
+            assert started, fluent_bit.log_text()
             yield fluent_bit
         finally:
             fluent_bit.stop()
