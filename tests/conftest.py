@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from harness.fluentbit import MARKER
+from harness.real_fluent_bit import MARKER
 
 pytest_plugins = ["pytester"]  # tests/unit/test_skipped_fluent_bit_line.py runs pytest itself
 

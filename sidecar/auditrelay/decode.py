@@ -256,6 +256,12 @@ def _audit_problem(fields: dict[Any, Any]) -> str | None:
     return None
 
 
+def audit_problem(fields: dict[Any, Any]) -> str | None:
+    """The one rule of what an audit event is, for previews that must agree with serve
+    (``auditrelay policy filter``): None, or the Reason it would be set aside for."""
+    return _audit_problem(fields)
+
+
 def _is_utf8_clean(record: dict[Any, Any]) -> bool:
     """False when a string holds surrogate escapes of non-UTF-8 bytes (careful pass only)."""
     try:

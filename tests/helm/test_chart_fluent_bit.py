@@ -30,7 +30,7 @@ import pytest
 import yaml
 from auditrelay.flbproxy import build_plugin
 from fixtures.chunks import audit_line
-from harness.fluentbit import fluent_bit_binary, needs_fluent_bit
+from harness.real_fluent_bit import fluent_bit_binary, needs_fluent_bit
 from harness.sidecar import Sidecar
 
 from helm.conftest import Render, Rendered, ci_file, parse_classic

@@ -29,7 +29,7 @@ import pytest
 from auditrelay.emulator import Store
 from auditrelay.flbproxy import build_plugin
 from fixtures.chunks import audit_line
-from harness.fluentbit import FLUENT_BIT_MARKS, fluent_bit_binary, fluent_bit_version
+from harness.real_fluent_bit import FLUENT_BIT_MARKS, fluent_bit_binary, fluent_bit_version
 from harness.sidecar import Sidecar
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -16,7 +16,7 @@ def run_without_fluent_bit(pytester: pytest.Pytester) -> pytest.RunResult:
     pytester.makeconftest((TESTS / "conftest.py").read_text())
     pytester.makepyfile(
         test_sample="""
-        from harness.fluentbit import needs_fluent_bit
+        from harness.real_fluent_bit import needs_fluent_bit
 
         @needs_fluent_bit
         def test_in_real_fluent_bit():
