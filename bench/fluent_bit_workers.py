@@ -178,7 +178,7 @@ def running(binary: str, workers: int) -> Iterator[FluentBit]:
 def stall(binary: str, workers: int, how: signal.Signals) -> str:
     with running(binary, workers) as fluent_bit:
         fluent_bit.sidecar.signal(how)
-        dummy_before = fluent_bit.records("dummy.0")
+        dummy_before = fluent_bit.records("dummy.1")
         started = time.monotonic()
         for burst in range(BURSTS):
             fluent_bit.append(BURST_LINES)
@@ -190,7 +190,7 @@ def stall(binary: str, workers: int, how: signal.Signals) -> str:
         )
         read_in = time.monotonic() - started if caught_up else None
         time.sleep(max(0.0, started + WINDOW_SECONDS - time.monotonic()))
-        dummy = fluent_bit.records("dummy.0") - dummy_before
+        dummy = fluent_bit.records("dummy.1") - dummy_before
         read = fluent_bit.records("tail.0") - 100
     window = f"{WINDOW_SECONDS:.0f} s"
     shown = f"{read_in:.1f} s" if read_in is not None else f"not in {window} ({read} read)"
