@@ -256,13 +256,15 @@ PROPERTIES: tuple[Property, ...] = (
              "30s", _positive(parse_duration, "duration")),
     # The pipeline's: where the events go.
     Property("endpoint", Owner.PIPELINE,
-             "Logs ingestion endpoint of the DCR or its DCE. Unset: the bundled local emulator.",
+             "Logs ingestion endpoint of the DCR or its DCE. Unset: the bundled local emulator, "
+             "and the other Azure properties are ignored.",
              None, parse_https_url, destination=True),
     Property("endpoint_ca", Owner.PIPELINE,
              "Extra CA bundle to trust for the endpoint (the emulator's CA, a TLS-inspecting proxy).",
              None, parse_readable_file),
     Property("dcr_id", Owner.PIPELINE,
-             "Immutable id of the data collection rule (dcr-...). Required with endpoint.",
+             "Immutable id of the data collection rule (dcr-...). Required with endpoint; "
+             "ignored without it.",
              None, parse_dcr_id, destination=True),
     Property("stream", Owner.PIPELINE,
              "Stream of the data collection rule that receives the rows.",
@@ -326,6 +328,17 @@ PROPERTIES: tuple[Property, ...] = (
 PROPERTY_BY_NAME: dict[str, Property] = {prop.name: prop for prop in PROPERTIES}
 DESTINATION_PROPERTIES: tuple[str, ...] = tuple(p.name for p in PROPERTIES if p.destination)
 
+# Settings the emulator replaces with its own when endpoint is unset (auth and cloud too).
+AZURE_ONLY_PROPERTIES = (
+    "dcr_id",
+    "endpoint_ca",
+    "tenant_id",
+    "client_id",
+    "client_secret",
+    "client_certificate",
+    "federated_token_file",
+)
+
 
 @dataclass(frozen=True, slots=True)
 class PipelineSettings:
@@ -362,6 +375,13 @@ class PipelineSettings:
     def uses_emulator(self) -> bool:
         """No endpoint set: the pipeline delivers to the bundled local emulator."""
         return self.endpoint is None
+
+    @property
+    def ignored_by_emulator(self) -> list[str]:
+        """The Azure properties that are set but unused, because endpoint alone picks the emulator."""
+        if not self.uses_emulator:
+            return []
+        return [name for name in AZURE_ONLY_PROPERTIES if getattr(self, name) is not None]
 
     def destination(self) -> dict[str, str | None]:
         """Where the rows go, as parsed (defaults applied): the destination properties' values.
@@ -442,8 +462,6 @@ def _check_combinations(values: Mapping[str, Any]) -> list[PropertyProblem]:
     problems: list[PropertyProblem] = []
     if values.get("endpoint") is not None:
         problems += _require(values, "dcr_id", "when endpoint is set")
-    if values.get("dcr_id") is not None and values.get("endpoint") is None:
-        problems += _require(values, "endpoint", "when dcr_id is set")
     auth = values.get("auth")
     if values.get("endpoint") is not None and auth is Auth.CLIENT_SECRET:
         for name in ("tenant_id", "client_id", "client_secret"):

@@ -87,6 +87,7 @@ class EmbeddedEmulator:
             endpoint=emulator.endpoint,
             store=str(emulator.store.path),
             note="no endpoint is set: rows go to the bundled local emulator, not to Azure",
+            ignored=settings.ignored_by_emulator,
         )
         return DeliverySink(
             settings,

@@ -49,6 +49,23 @@ class TestPipelineProperties:
             {"endpoint": "https://dce.westeurope-1.ingest.monitor.azure.com"}
         )
 
+    def test_endpoint_alone_selects_the_emulator(self) -> None:
+        """dcr_id and identity properties without endpoint: the emulator, with them named as
+        ignored; with endpoint they are used and nothing is ignored."""
+        dcr_id = "dcr-" + "0" * 32
+        local = PipelineSettings.from_properties(
+            {"dcr_id": dcr_id, "auth": "client_secret", "tenant_id": "t", "client_id": "c"}
+        )
+        azure = PipelineSettings.from_properties(
+            {"dcr_id": dcr_id, "endpoint": "https://dce.westeurope-1.ingest.monitor.azure.com"}
+        )
+
+        assert (True, ["dcr_id", "tenant_id", "client_id"]) == (
+            local.uses_emulator,
+            local.ignored_by_emulator,
+        )
+        assert (False, []) == (azure.uses_emulator, azure.ignored_by_emulator)
+
     def test_every_problem_is_reported_at_once(self) -> None:
         """Several mistakes come back together, not one per attempt."""
         names = [name for name, _, _ in problems_of({"compression_level": "0", "cloud": "mars"})]

@@ -119,6 +119,16 @@ def test_unreadable_stream_file_is_a_clear_error(
     assert f"--streams: got '{missing}'" in capsys.readouterr().err
 
 
+def test_rows_help_states_its_default_limit(capsys: pytest.CaptureFixture[str]) -> None:
+    """rows prints 20 rows unless told otherwise, and its help says so."""
+    with pytest.raises(SystemExit) as raised:
+        build_parser().parse_args(["emulator", "rows", "--help"])
+
+    assert 0 == raised.value.code
+    assert "At most this many rows (default: 20)." in " ".join(capsys.readouterr().out.split())
+    assert 20 == build_parser().parse_args(["emulator", "rows", "--state-dir", "x"]).limit
+
+
 def test_bad_fault_flag_is_refused_by_the_parser(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -2,7 +2,7 @@
 
 auditrelay emulator serve --state-dir DIR [--port N] [--limits uncompressed] [--fault 503:count=3] ...
 auditrelay emulator count --state-dir DIR
-auditrelay emulator rows --state-dir DIR --audit-id ID
+auditrelay emulator rows --state-dir DIR [--audit-id ID] [--limit N (default 20)]
 auditrelay emulator errors --state-dir DIR
 auditrelay emulator requests --state-dir DIR
 auditrelay emulator fault --state-dir DIR [429:retry_after=2,count=5 ...] [--clear]
@@ -132,15 +132,17 @@ def add_parser(subparsers: Any) -> None:
     rows = actions.add_parser("rows", help="Accepted rows as JSON lines.")
     _add_state_dir(rows)
     rows.add_argument("--audit-id", help="Only the rows of this auditID.")
-    rows.add_argument("--limit", type=int, default=20)
+    rows.add_argument(
+        "--limit", type=int, default=20, help="At most this many rows (default: %(default)s)."
+    )
 
     errors = actions.add_parser("errors", help="The DCR error log (rows dropped or changed).")
     _add_state_dir(errors)
-    errors.add_argument("--limit", type=int)
+    errors.add_argument("--limit", type=int, help="At most this many entries (default: all).")
 
     requests = actions.add_parser("requests", help="Every ingestion attempt, with its status.")
     _add_state_dir(requests)
-    requests.add_argument("--limit", type=int)
+    requests.add_argument("--limit", type=int, help="At most this many attempts (default: all).")
 
     fault = actions.add_parser("fault", help="Change the faults of a running emulator.")
     _add_state_dir(fault)
