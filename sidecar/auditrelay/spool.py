@@ -74,7 +74,8 @@ class SpoolRead:
     rows: list[bytes]
     start: Position
     end: Position
-    raw_bytes: int
+    raw_bytes: int  # the rows' bytes, each with the read's row_overhead
+    full: bool = False  # max_bytes is used up, or the next row would not have fit in it
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,80 @@ class CorruptRegion:
 
 def _segment_name(number: int) -> str:
     return f"{number:016d}{SEGMENT_SUFFIX}"
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolSummary:
+    """What a spool directory holds, read without opening (or locking) the spool."""
+
+    used_bytes: int  # every segment file
+    pending_bytes: int  # after the cursor, frames included
+    pending_rows: int | None  # None when not counted
+
+
+def summarize(directory: Path, *, count_rows: bool = False) -> SpoolSummary:
+    """Reads a spool directory's segments and cursor without changing anything; safe while
+    another process uses the spool (its figures are then a moment's snapshot)."""
+    sizes: dict[int, int] = {}
+    for path in directory.glob("*" + SEGMENT_SUFFIX):
+        if path.stem.isdigit():
+            try:
+                sizes[int(path.stem)] = path.stat().st_size
+            except FileNotFoundError:  # delivered and deleted while we looked
+                continue
+    cursor = _read_cursor(directory / CURSOR_FILE) or Position(min(sizes, default=1), 0)
+    pending = [(n, size) for n, size in sorted(sizes.items()) if n >= cursor.segment]
+    offset_in_first = cursor.offset if pending and pending[0][0] == cursor.segment else 0
+    pending_bytes = max(0, sum(size for _, size in pending) - offset_in_first)
+    rows = None
+    if count_rows:
+        rows = 0
+        for number, size in pending:
+            start = offset_in_first if number == cursor.segment else 0
+            rows += _count_frames(directory / _segment_name(number), start, size)
+    return SpoolSummary(sum(sizes.values()), pending_bytes, rows)
+
+
+def in_use(directory: Path) -> bool:
+    """Whether a process has the spool open (holds its lock); never creates anything."""
+    try:
+        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases the lock we may have taken
+    return False
+
+
+def _read_cursor(path: Path) -> Position | None:
+    try:
+        stored = json.loads(path.read_text(encoding="ascii"))
+        return Position(int(stored["segment"]), int(stored["offset"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _count_frames(path: Path, start: int, end: int) -> int:
+    """Whole frames from ``start``, by their lengths alone (a torn tail ends the count)."""
+    count = 0
+    try:
+        with open(path, "rb") as segment:
+            segment.seek(start)
+            offset = start
+            while offset + FRAME.size <= end:
+                length, _ = FRAME.unpack(segment.read(FRAME.size))
+                if length > MAX_FRAME_PAYLOAD or offset + FRAME.size + length > end:
+                    break
+                segment.seek(length, os.SEEK_CUR)
+                offset += FRAME.size + length
+                count += 1
+    except (OSError, struct.error):
+        pass  # gone or torn while we looked: what was counted stands
+    return count
 
 
 def frame(rows: Sequence[bytes]) -> bytes:
@@ -318,16 +393,19 @@ class Spool:
 
     # --- reading --------------------------------------------------------------------------------
 
-    def read(self, max_bytes: int) -> SpoolRead | None:
-        """The next rows after the previous read, about ``max_bytes`` of them; None if none.
+    def read(self, max_bytes: int, *, row_overhead: int = 0) -> SpoolRead | None:
+        """The next rows after the previous read, at most ``max_bytes`` of them, each counted
+        with ``row_overhead`` bytes more (a separator in a request body); None if none.
 
-        Always returns at least one row when one is there, however large.
+        Always returns at least one row when one is there, however large; a row that would not
+        fit after others is left for the next read (``full``).
         """
         with self._read_lock:
             rows: list[bytes] = []
             total = 0
+            full = False
             start = position = self._read_position()
-            while total < max_bytes:
+            while total < max_bytes and not full:
                 with self._state_lock:
                     write = self._write
                     limit = write.offset if position.segment == write.segment else None
@@ -340,7 +418,9 @@ class Spool:
                 end = limit if limit is not None else size
                 if position.offset >= end:
                     break
-                position, added = self._read_frames(position, end, rows, max_bytes - total)
+                position, added, full = self._read_frames(
+                    position, end, rows, max_bytes - total, row_overhead
+                )
                 total += added
             with self._state_lock:
                 self._read = position = self._normalized(position)
@@ -351,7 +431,8 @@ class Spool:
                 self.acknowledge(position)
             if not rows:
                 return None
-            return SpoolRead(rows=rows, start=start, end=position, raw_bytes=total)
+            full = full or total >= max_bytes
+            return SpoolRead(rows=rows, start=start, end=position, raw_bytes=total, full=full)
 
     def rewind(self) -> None:
         """Reads again from the acknowledged position (after dropping unacknowledged reads)."""
@@ -368,8 +449,10 @@ class Spool:
         return Position(min(later), 0) if later else Position(number, self._sizes[number])
 
     def _read_frames(
-        self, position: Position, end: int, rows: list[bytes], budget: int
-    ) -> tuple[Position, int]:
+        self, position: Position, end: int, rows: list[bytes], budget: int, row_overhead: int
+    ) -> tuple[Position, int, bool]:
+        """Frames of one segment from ``position`` up to ``end`` into ``rows``, within
+        ``budget``: the new position, the bytes added, and whether a row did not fit."""
         path = self.directory / _segment_name(position.segment)
         offset = position.offset
         added = 0
@@ -393,6 +476,8 @@ class Spool:
                 length, checksum = FRAME.unpack_from(block, at)
                 if length > MAX_FRAME_PAYLOAD or offset + FRAME.size + length > end:
                     return self._skip(path, position.segment, offset, end, "torn frame")
+                if rows and added + length + row_overhead > budget:
+                    return Position(position.segment, offset), added, True
                 at += FRAME.size
                 if at + length <= len(block):
                     payload = block[at : at + length]
@@ -401,13 +486,13 @@ class Spool:
                 if len(payload) != length or zlib.crc32(payload) != checksum:
                     return self._skip(path, position.segment, offset, end, "checksum mismatch")
                 rows.append(payload)
-                added += length
+                added += length + row_overhead
                 offset += FRAME.size + length
-        return Position(position.segment, offset), added
+        return Position(position.segment, offset), added, False
 
     def _skip(
         self, path: Path, segment: int, offset: int, end: int, reason: str
-    ) -> tuple[Position, int]:
+    ) -> tuple[Position, int, bool]:
         region = CorruptRegion(path=path, offset=offset, skipped_bytes=end - offset, reason=reason)
         log.warning(
             "spool_damage_skipped",
@@ -421,8 +506,8 @@ class Spool:
         with self._state_lock:
             writing_here = segment == self._write.segment
         if writing_here:
-            return Position(segment, end), 0
-        return self._next_segment(segment), 0
+            return Position(segment, end), 0, False
+        return self._next_segment(segment), 0, False
 
     # --- acknowledging --------------------------------------------------------------------------
 
