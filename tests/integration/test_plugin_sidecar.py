@@ -247,11 +247,12 @@ def test_spool_full_is_a_retry(proxy: GoProxy, sidecar: Sidecar) -> None:
     )
     # An empty spool takes one chunk over its limit (else that chunk would be refused forever);
     # the next one has to wait.
-    assert Result.OK == proxy.flush(instance, tail_chunk(TAIL_CHUNK_PARSED), TAG)
-    assert Result.RETRY == proxy.flush(instance, tail_chunk(TAIL_CHUNK_PARSED), TAG)
+    chunk = tail_chunk(TAIL_CHUNK_PARSED)
+    assert Result.OK == proxy.flush(instance, chunk, TAG)
+    assert Result.RETRY == proxy.flush(instance, chunk, TAG)
     [line] = proxy.lines(Level.WARN)
     assert line.startswith(
-        f"[output:auditrelay:auditrelay.0] chunk retried: tag={TAG} bytes=197263: RETRY_LATER: spool: "
+        f"[output:auditrelay:auditrelay.0] chunk retried: tag={TAG} bytes={len(chunk)}: RETRY_LATER: spool: "
     )
 
 
@@ -262,10 +263,11 @@ def test_a_chunk_the_sidecar_can_never_take_is_an_error(
     sidecar = make_sidecar("--max-chunk-bytes", "64k")
     sidecar.start()
     instance = proxy.init(section(sidecar))
-    assert Result.ERROR == proxy.flush(instance, tail_chunk(TAIL_CHUNK_PARSED), TAG)
+    chunk = tail_chunk(TAIL_CHUNK_PARSED)
+    assert Result.ERROR == proxy.flush(instance, chunk, TAG)
     assert [
-        f"[output:auditrelay:auditrelay.0] chunk rejected: tag={TAG} bytes=197263: "
-        "REJECTED: chunk of 197263 bytes is over max_chunk_bytes 65536"
+        f"[output:auditrelay:auditrelay.0] chunk rejected: tag={TAG} bytes={len(chunk)}: "
+        f"REJECTED: chunk of {len(chunk)} bytes is over max_chunk_bytes 65536"
     ] == proxy.lines(Level.ERROR)
 
 

@@ -351,9 +351,9 @@ def test_a_burst_of_429_with_retry_after(
 def test_a_413_from_a_lowered_limit(
     workdir: Path, make_sidecar: Callable[..., Sidecar], proxy: GoProxy
 ) -> None:
-    """The endpoint's body limit lowered to 30,000 bytes: bodies answered 413 are split until
+    """The endpoint's body limit lowered to 10,000 bytes: bodies answered 413 are split until
     they fit, and every row arrives."""
-    with emulator_running(workdir / "emulator", max_body_bytes=30_000) as emulator:
+    with emulator_running(workdir / "emulator", max_body_bytes=10_000) as emulator:
         flb = fluent_bit(proxy, make_sidecar(), emulator, batch_interval="500ms")
         chunks = Chunks("split")
         flb.send_all(chunks.many(6, events=200))
@@ -361,7 +361,7 @@ def test_a_413_from_a_lowered_limit(
         assert_all_arrive(emulator, chunks.sent)
         assert 413 in statuses(emulator)
         accepted = [r.wire_bytes for r in emulator.store.requests() if r.status == 204]
-        assert all(size <= 30_000 for size in accepted), accepted
+        assert all(size <= 10_000 for size in accepted), accepted
 
 
 def metric_samples(sidecar: Sidecar, name: str) -> list[tuple[dict[str, str], float]]:
