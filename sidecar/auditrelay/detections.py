@@ -86,6 +86,14 @@ class Rule:
         return self.path.stem
 
 
+def duration_minutes(text: str) -> int:
+    """``5m`` -> 5, ``1h`` -> 60, ``14d`` -> 20160."""
+    found = _DURATION.match(text)
+    if found is None:
+        raise ValueError(f"expected a duration such as 5m, 1h or 14d, got {text!r}")
+    return int(found.group(1)) * {"m": 1, "h": 60, "d": 1440}[found.group(2)]
+
+
 def iso_duration(text: str) -> str:
     """``5m`` -> ``PT5M``, ``1h`` -> ``PT1H``, ``14d`` -> ``P14D`` (what ARM templates take)."""
     found = _DURATION.match(text)

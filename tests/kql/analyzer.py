@@ -28,10 +28,11 @@ def table_schema() -> str:
     return "(" + ", ".join(f"['{column.name}']:{column.type}" for column in COLUMNS) + ")"
 
 
-def diagnostics(
+def analyze(
     queries: Mapping[str, str], extra_tables: Mapping[str, str] | None = None
-) -> dict[str, list[dict[str, Any]]]:
-    """Every diagnostic (errors and warnings) of each query, by the query's name."""
+) -> dict[str, dict[str, Any]]:
+    """Each query's ``diagnostics`` (errors and warnings: severity, message, start, length) and
+    result ``columns`` (``[name, type]``), by the query's name."""
     node = shutil.which("node")
     if node is None:
         raise AssertionError("node is not on PATH: the Kusto analyzer runs under Node")
@@ -54,5 +55,5 @@ def diagnostics(
     )
     if done.returncode != 0:
         raise AssertionError(f"check.js failed ({done.returncode}): {done.stderr}")
-    result: dict[str, list[dict[str, Any]]] = json.loads(done.stdout)
+    result: dict[str, dict[str, Any]] = json.loads(done.stdout)
     return result

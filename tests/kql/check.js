@@ -3,7 +3,8 @@
 //
 // stdin:  {"database": "workspace", "tables": [{"name": "T", "schema": "(a:string, b:dynamic)"}],
 //          "queries": [{"name": "rule", "text": "T | where a == 'x'"}]}
-// stdout: {"rule": [{"severity": "Error", "message": "...", "start": 12, "length": 3}], ...}
+// stdout: {"rule": {"diagnostics": [{"severity": "Error", "message": "...", "start": 12,
+//          "length": 3}], "columns": [["a", "string"], ...]}, ...}   (columns: of a tabular result)
 "use strict";
 const fs = require("fs");
 const path = require("path");
@@ -22,20 +23,33 @@ function globalsFor(request) {
   return K.GlobalState.Default.WithDatabase(database);
 }
 
-function diagnostics(text, globals) {
-  const found = K.KustoCode.ParseAndAnalyze(text, globals).GetDiagnostics();
+function resultColumns(code) {
+  const result = code.ResultType;
+  const columns = [];
+  if (result && result.Columns) {
+    for (let i = 0; i < result.Columns.Count; i++) {
+      const column = result.Columns.getItem(i);
+      columns.push([column.Name, column.Type.Name]);
+    }
+  }
+  return columns;
+}
+
+function analyze(text, globals) {
+  const code = K.KustoCode.ParseAndAnalyze(text, globals);
+  const found = code.GetDiagnostics();
   const out = [];
   for (let i = 0; i < found.Count; i++) {
     const d = found.getItem(i);
     out.push({ severity: String(d.Severity), message: d.Message, start: d.Start, length: d.Length });
   }
-  return out;
+  return { diagnostics: out, columns: resultColumns(code) };
 }
 
 const request = JSON.parse(fs.readFileSync(0, "utf8"));
 const globals = globalsFor(request);
 const result = {};
 for (const query of request.queries) {
-  result[query.name] = diagnostics(query.text, globals);
+  result[query.name] = analyze(query.text, globals);
 }
 process.stdout.write(JSON.stringify(result));

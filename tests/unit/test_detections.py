@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 from auditrelay.cli.policy import detection_probes, stages_of
+from auditrelay.detection_templates import (
+    AKS_COLUMNS,
+    FUNCTION_ALIAS,
+    LOG_ALERT_MAX_WINDOW_HOURS,
+    function_query,
+    missing_sources,
+    render_log_alerts_template,
+    render_sentinel_template,
+)
 from auditrelay.detections import (
     BUNDLED_RULES,
     EVIDENCE_COLUMN,
@@ -18,7 +28,7 @@ from auditrelay.detections import (
 )
 from auditrelay.policy import compile_policy, load_policy
 from auditrelay.stream import COLUMNS, TABLE_NAME
-from kql.analyzer import diagnostics
+from kql.analyzer import analyze
 
 REPO = Path(__file__).resolve().parents[2]
 RULES_DIR = REPO / "detections"
@@ -62,33 +72,85 @@ CONTROL_QUERIES = {
 }
 
 
+# A hunting query written for AKSAudit, run through the function by changing only the table name.
+AKS_HUNTING_QUERY = f"""let {FUNCTION_ALIAS} = () {{ {function_query()} }};
+{FUNCTION_ALIAS}()
+| where RequestReceivedTime > ago(1d) and Stage == "ResponseComplete"
+| where Verb == "create" and ObjectRef.resource == "clusterrolebindings"
+| extend Who = tostring(User.username), Ip = tostring(SourceIps[0]), Code = toint(ResponseStatus.code)
+| extend Role = tostring(RequestObject.roleRef.name), Decision = tostring(Annotations["authorization.k8s.io/decision"])
+| project StageReceivedTime, AuditId, Who, Ip, Code, Role, Decision, UserAgent, RequestUri, Level
+"""
+
+
 @pytest.fixture(scope="module")
-def analyzed() -> dict[str, list[dict[str, Any]]]:
-    """Every rule's query and the control queries, analyzed in one Node run (it takes seconds)."""
+def analyzed() -> dict[str, dict[str, Any]]:
+    """Every rule's query, the function and the control queries, in one Node run (it takes
+    seconds): each with its diagnostics and its result columns."""
     queries = {rule.slug: rule.query for rule in load_rules(RULES_DIR)}
-    return diagnostics({**queries, **CONTROL_QUERIES})
+    return analyze(
+        {
+            **queries,
+            **CONTROL_QUERIES,
+            "function": function_query(),
+            "hunting through the function": AKS_HUNTING_QUERY,
+        }
+    )
 
 
 def test_every_query_passes_microsofts_parser_and_semantic_analyzer(
-    analyzed: dict[str, list[dict[str, Any]]],
+    analyzed: dict[str, dict[str, Any]],
 ) -> None:
     """Kusto.Language (the parser and binder of Log Analytics) finds no error and no warning
     in any query, against the table built from stream.COLUMNS."""
     assert {slug: [] for slug in EXPECTED_RULES} == {
-        slug: found for slug, found in analyzed.items() if slug in EXPECTED_RULES
+        slug: found["diagnostics"] for slug, found in analyzed.items() if slug in EXPECTED_RULES
     }
 
 
+def test_every_rule_returns_its_evidence_and_the_columns_its_entities_map(
+    analyzed: dict[str, dict[str, Any]],
+) -> None:
+    """As the analyzer types each result: AuditIds is a dynamic array, and every column an
+    entity mapping names exists and is a string (what Sentinel needs to map it)."""
+    problems = []
+    for rule in load_rules(RULES_DIR):
+        columns = dict(analyzed[rule.slug]["columns"])
+        if columns.get(EVIDENCE_COLUMN) != "dynamic":
+            problems.append(f"{rule.slug}: {EVIDENCE_COLUMN} is {columns.get(EVIDENCE_COLUMN)}")
+        problems.extend(
+            f"{rule.slug}: {column} is {columns.get(column)}"
+            for entity in rule.entities
+            for _, column in entity.fields
+            if columns.get(column) != "string"
+        )
+
+    assert [] == problems
+
+
+def test_the_function_presents_the_table_with_aksaudits_columns(
+    analyzed: dict[str, dict[str, Any]],
+) -> None:
+    """The workspace function returns AKSAudit's column names with AKSAudit's types, and a
+    hunting query written for AKSAudit passes the analyzer through it."""
+    assert [] == missing_sources()
+    assert [] == analyzed["function"]["diagnostics"]
+    assert [[c.name, c.type] for c in AKS_COLUMNS] == analyzed["function"]["columns"]
+    assert [] == analyzed["hunting through the function"]["diagnostics"]
+
+
 def test_the_analyzer_knows_every_column_and_reports_unknown_ones(
-    analyzed: dict[str, list[dict[str, Any]]],
+    analyzed: dict[str, dict[str, Any]],
 ) -> None:
     """The schema given to the analyzer has every stream column (a query naming all of them is
     clean), and a misspelt column or a type error is reported: the check above can fail."""
-    assert [] == analyzed["control: every column"]
+    every = analyzed["control: every column"]
+    assert [] == every["diagnostics"]
+    assert [[c.name, c.type] for c in COLUMNS] == every["columns"]
     assert [
         "The name 'verbx' does not refer to any known column, table, variable or function."
-    ] == [d["message"] for d in analyzed["control: misspelt column"]]
-    assert ["Error"] == [d["severity"] for d in analyzed["control: type error"]]
+    ] == [d["message"] for d in analyzed["control: misspelt column"]["diagnostics"]]
+    assert ["Error"] == [d["severity"] for d in analyzed["control: type error"]["diagnostics"]]
 
 
 def test_every_rule_is_fed_by_the_bundled_policy_at_the_level_its_query_needs() -> None:
@@ -188,3 +250,25 @@ def test_two_rules_with_one_id_are_refused(tmp_path: Path) -> None:
 def test_durations_become_iso_8601() -> None:
     """ARM templates take ISO 8601 durations."""
     assert ["PT5M", "PT1H", "P14D"] == [iso_duration(text) for text in ("5m", "1h", "14d")]
+
+
+def test_both_templates_deploy_every_rule_with_its_query_unchanged() -> None:
+    """The Sentinel and the Azure Monitor templates carry each rule once, with the file's query;
+    Sentinel raises one alert per result row (each with its evidence), and the log search
+    alerts never look back further than Azure Monitor allows."""
+    rules = load_rules(RULES_DIR)
+    sentinel = json.loads(render_sentinel_template(rules))["resources"]
+    alerts = json.loads(render_log_alerts_template(rules))["resources"]
+    queries = {rule.query for rule in rules}
+
+    assert queries == {resource["properties"]["query"] for resource in sentinel}
+    assert queries == {
+        resource["properties"]["criteria"]["allOf"][0]["query"] for resource in alerts
+    }
+    assert {rule.id for rule in rules} == {resource["name"].split("'")[-2] for resource in sentinel}
+    assert {"AlertPerResult"} == {
+        resource["properties"]["eventGroupingSettings"]["aggregationKind"] for resource in sentinel
+    }
+    assert {"PT1H", f"PT{LOG_ALERT_MAX_WINDOW_HOURS}H"} == {
+        resource["properties"]["windowSize"] for resource in alerts
+    }
