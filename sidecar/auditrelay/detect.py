@@ -53,6 +53,16 @@ class Alert:
     columns: Mapping[str, Any]
     audit_ids: tuple[str, ...]
 
+    def entities_text(self) -> str:
+        """``Account=..., Cluster_Name=...``: the values of the columns the entities map."""
+        shown = []
+        for entity in self.rule.entities:
+            for _, column in entity.fields:
+                value = self.columns.get(column)
+                if value not in (None, ""):
+                    shown.append(f"{column}={value}")
+        return ", ".join(dict.fromkeys(shown))
+
     def to_json(self) -> dict[str, Any]:
         """The alert as the ``--output json`` line shows it."""
         return {

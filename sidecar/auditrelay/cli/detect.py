@@ -113,16 +113,6 @@ def load_table(args: argparse.Namespace) -> Table:
     return table
 
 
-def _entity_text(alert: Alert) -> str:
-    shown = []
-    for entity in alert.rule.entities:
-        for _, column in entity.fields:
-            value = alert.columns.get(column)
-            if value not in (None, ""):
-                shown.append(f"{column}={value}")
-    return ", ".join(dict.fromkeys(shown))
-
-
 def print_table(rules: Sequence[Rule], alerts: dict[str, list[Alert]], table: Table) -> None:
     """One block per alert, then the count per rule."""
     fired = [alert for rule in rules for alert in alerts[rule.slug]]
@@ -130,7 +120,7 @@ def print_table(rules: Sequence[Rule], alerts: dict[str, list[Alert]], table: Ta
         ids = alert.audit_ids
         more = f" (+{len(ids) - EVIDENCE_SHOWN} more)" if len(ids) > EVIDENCE_SHOWN else ""
         print(f"{alert.rule.severity.upper():<13} {alert.rule.slug}: {alert.rule.name}")
-        print(f"{'':14}{_entity_text(alert)}")
+        print(f"{'':14}{alert.entities_text()}")
         print(f"{'':14}evidence auditIDs: {', '.join(ids[:EVIDENCE_SHOWN])}{more}")
     print()
     print(
