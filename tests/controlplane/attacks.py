@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -62,7 +63,17 @@ class Raw:
     user_agent: str = "Go-http-client/2.0"
 
 
-Action = Kube | Raw
+@dataclass(frozen=True)
+class Burst:
+    """Requests that must land in one ``window``-second bin of the clock, as a rule that counts
+    per ``bin(TimeGenerated, window)`` sees them: started once the clock is clear of a bin edge."""
+
+    requests: tuple[Raw, ...]
+    window: int = 300
+    margin: int = 30
+
+
+Action = Kube | Raw | Burst
 
 
 @dataclass(frozen=True)
@@ -268,9 +279,11 @@ TECHNIQUES: tuple[Technique, ...] = (
             _create(_EVENT),
             Kube(ADMIN_USER, ("delete", "event", "evidence.1", "-n", NAMESPACE)),
             _create({**_EVENT, "metadata": {"name": "evidence.2", "namespace": NAMESPACE}}),
-            Kube(ADMIN_USER, ("delete", "events", "--all", "-n", NAMESPACE)),
+            # A DELETE on the collection: the deletecollection verb (kubectl delete --all
+            # deletes one by one).
+            Kube(ADMIN_USER, ("delete", "--raw", f"/api/v1/namespaces/{NAMESPACE}/events")),
         ),
-        {"Account": ADMIN_USER, "Namespace": NAMESPACE},
+        {"Account": ADMIN_USER, "Namespace": NAMESPACE, "Verbs": ["delete", "deletecollection"]},
     ),
     Technique(
         "secret-access",
@@ -337,9 +350,13 @@ TECHNIQUES: tuple[Technique, ...] = (
     ),
     Technique(
         "failed-authentication-burst",
-        tuple(
-            Raw("/api/v1/namespaces/kube-system/secrets", 401, bearer=f"guess-{attempt}")
-            for attempt in range(FAILED_LOGINS)
+        (
+            Burst(
+                tuple(
+                    Raw("/api/v1/namespaces/kube-system/secrets", 401, bearer=f"guess-{attempt}")
+                    for attempt in range(FAILED_LOGINS)
+                )
+            ),
         ),
         {"SourceIp": "127.0.0.1", "Failures": FAILED_LOGINS},
     ),
@@ -410,6 +427,17 @@ def raw_get(plane: ControlPlane, action: Raw) -> int:
 
 
 def _run(kubectl: Kubectl, action: Action, token: str) -> None:
+    if isinstance(action, Burst):
+        window, margin = action.window, action.margin
+        wait_until(
+            lambda: time.time() % window < window - margin,
+            timeout=margin + 5,
+            what=f"the clock to be {margin}s clear of a {window}s bin edge",
+            interval=0.5,
+        )
+        for request in action.requests:
+            _run(kubectl, request, token)
+        return
     if isinstance(action, Raw):
         status = raw_get(kubectl.plane, action)
         if status != action.status:
