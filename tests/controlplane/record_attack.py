@@ -1,6 +1,7 @@
 """Records the attack scenario's audit log for ``auditrelay demo`` and the detect tests.
 
-python3 tests/controlplane/record_attack.py [OUT]   (default: sidecar/auditrelay/data/controlplane-attack.jsonl)
+PYTHONPATH=sidecar:tests python3 -m controlplane.record_attack [OUT]
+(default OUT: sidecar/auditrelay/data/controlplane-attack.jsonl)
 
 Starts the test control plane with audit_policy.yaml, runs ``attacks.TECHNIQUES`` and writes
 what kube-apiserver logged, untouched, keeping only the events of the scenario's identities (the
@@ -14,13 +15,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from controlplane import attacks  # noqa: E402 - after the path is set
-from controlplane.build import cached_binaries  # noqa: E402
-from controlplane.cluster import ADMIN_USER, AuditSettings, running  # noqa: E402
-from controlplane.harness import REPO_POLICY, REPO_ROOT  # noqa: E402
-from controlplane.scenario import Kubectl  # noqa: E402
+from controlplane import attacks
+from controlplane.build import cached_binaries
+from controlplane.cluster import ADMIN_USER, AuditSettings, running
+from controlplane.harness import REPO_POLICY, REPO_ROOT
+from controlplane.scenario import Kubectl
 
 DEFAULT_OUT = REPO_ROOT / "sidecar/auditrelay/data/controlplane-attack.jsonl"
 SCENARIO_USERS = {ADMIN_USER, attacks.SERVICE_ACCOUNT, "system:anonymous", ""}
