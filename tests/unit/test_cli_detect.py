@@ -1,4 +1,9 @@
-"""``auditrelay detect``: the rules over audit logs or the emulator's store, alerts and exit codes."""
+"""``auditrelay detect``: the rules over audit logs or the emulator's store, alerts and exit codes.
+
+The rules themselves are proven on real attacks in tests/controlplane/test_attack_detections.py;
+here the command's input, output and exit codes, with fixture events of the shape
+kube-apiserver writes.
+"""
 
 from __future__ import annotations
 
@@ -8,72 +13,91 @@ from pathlib import Path
 
 import pytest
 from auditrelay.cli import main
-from auditrelay.cli.demo import BUNDLED_LOGS, DATA_DIR
+from auditrelay.cli.demo import BUNDLED_LOGS
 from auditrelay.emulator import RequestRecord, Store
 from auditrelay.model import AuditEvent
 from auditrelay.stream import STREAM_NAME, RowEncoder
+from fixtures.chunks import audit_line
 
-ATTACK_LOG = DATA_DIR / "controlplane-attack.jsonl"
-QUIET_LOGS = [path for path in BUNDLED_LOGS if path != ATTACK_LOG]
+RULES = Path(__file__).resolve().parents[2] / "detections"
+ADMIN = {"username": "kubernetes-admin", "groups": ["system:masters", "system:authenticated"]}
 
 
-def test_the_recorded_attack_raises_every_rule_with_its_evidence(
-    capsys: pytest.CaptureFixture[str],
+def _attack_lines() -> list[bytes]:
+    """An exec into a pod, and Defender's test command: two rules' worth of requests."""
+    return [
+        audit_line(audit_id="exec-1"),
+        audit_line(
+            audit_id="test-alert-1",
+            verb="list",
+            user=ADMIN,
+            requestURI="/api/v1/namespaces/asc-alerttest-662jfi039n/pods?limit=500",
+            objectRef={"resource": "pods", "namespace": "asc-alerttest-662jfi039n"},
+            responseStatus={"metadata": {}, "code": 200},
+        ),
+    ]
+
+
+@pytest.fixture
+def attack_log(tmp_path: Path) -> Path:
+    path = tmp_path / "audit.log"
+    path.write_bytes(b"".join(line + b"\n" for line in _attack_lines()))
+    return path
+
+
+def test_alerts_name_their_rule_and_evidence_and_exit_1(
+    attack_log: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The real kube-apiserver log of the attack scenario raises an alert from every rule, each
-    naming its rule and carrying auditIDs that are in the log; exit status 1 (a finding)."""
-    in_log = {json.loads(line)["auditID"] for line in ATTACK_LOG.read_text().splitlines()}
-
-    code = main(["detect", "--output", "json", str(ATTACK_LOG)])
+    """Each alert names its rule and carries the auditIDs that raised it; exit status 1."""
+    code = main(["detect", "--output", "json", str(attack_log)])
     report = json.loads(capsys.readouterr().out)
 
     assert 1 == code
-    assert [] == [slug for slug, count in report["rules"].items() if count == 0]
-    assert all(alert["auditIds"] and set(alert["auditIds"]) <= in_log for alert in report["alerts"])
-    assert {alert["rule"] for alert in report["alerts"]} == set(report["rules"])
+    assert {"exec-into-pod": ["exec-1"], "defender-test-alert": ["test-alert-1"]} == {
+        alert["rule"]: alert["auditIds"] for alert in report["alerts"]
+    }
+    assert (2, 18) == (report["rows"], len(report["rules"]))
 
 
 def test_quiet_logs_raise_nothing_and_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
     """The bundled audit2rbac and lease logs hold no attack: no alert, exit status 0."""
-    code = main(["detect", *map(str, QUIET_LOGS)])
+    code = main(["detect", *map(str, BUNDLED_LOGS)])
 
     assert 0 == code
-    assert capsys.readouterr().out.endswith(" 0 alert(s) from 0 of 18 rules over 38 rows.\n")
+    assert "\n0 alert(s) from 0 of 18 rules over 38 rows.\n" == capsys.readouterr().out
 
 
 def test_table_output_names_rule_entities_and_evidence(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    attack_log: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """One rule file, gzip input: the table shows severity, rule, entities and auditIDs."""
-    rule = Path(__file__).resolve().parents[2] / "detections" / "defender-test-alert.yaml"
-    log = tmp_path / "audit.jsonl.gz"
-    log.write_bytes(gzip.compress(ATTACK_LOG.read_bytes()))
+    compressed = tmp_path / "audit.log.gz"
+    compressed.write_bytes(gzip.compress(attack_log.read_bytes()))
 
-    code = main(["detect", "--rules", str(rule), str(log)])
+    code = main(["detect", "--rules", str(RULES / "defender-test-alert.yaml"), str(compressed)])
     out = capsys.readouterr().out.splitlines()
 
     assert 1 == code
-    assert out[0].startswith("INFORMATIONAL  defender-test-alert: Kubernetes - Defender")
+    assert out[0].startswith("INFORMATIONAL defender-test-alert: Kubernetes - Defender")
     assert "Account=kubernetes-admin" in out[1]
-    assert out[2].strip().startswith("evidence auditIDs: ")
-    assert "1 alert(s) from 1 of 1 rules over" in out[-1]
+    assert "evidence auditIDs: test-alert-1" == out[2].strip()
+    assert "1 alert(s) from 1 of 1 rules over 2 rows." == out[-1]
 
 
 def test_a_line_that_is_not_an_audit_event_is_named_and_exit_2(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    attack_log: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Bad lines are set aside and named FILE:LINE; the good lines still run; exit status 2."""
-    log = tmp_path / "audit.log"
-    log.write_bytes(ATTACK_LOG.read_bytes() + b"not json\n" + b'{"kind": "Event"}\n')
+    with attack_log.open("ab") as log:
+        log.write(b"not json\n" + b'{"kind": "Event"}\n')
 
-    code = main(["detect", "--output", "json", str(log)])
+    code = main(["detect", "--output", "json", str(attack_log)])
     captured = capsys.readouterr()
-    lines = len(ATTACK_LOG.read_bytes().splitlines())
 
     assert 2 == code
-    assert json.loads(captured.out)["alerts"]
-    assert f"{log}:{lines + 1}: not JSON" in captured.err
-    assert f"{log}:{lines + 2}: not an audit event (no auditID)" in captured.err
+    assert 2 == len(json.loads(captured.out)["alerts"])
+    assert f"{attack_log}:3: not JSON" in captured.err
+    assert f"{attack_log}:4: not an audit event (no auditID)" in captured.err
 
 
 @pytest.mark.parametrize(
@@ -96,12 +120,9 @@ def test_bad_input_exits_2_naming_what_is_wrong(
 def test_rules_run_over_the_emulators_store(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """--emulator-state-dir reads the rows the emulator stored, as delivered."""
+    """--emulator-state-dir reads the rows the emulator stored, as the sidecar encoded them."""
     encoder = RowEncoder("stored", "")
-    rows = [
-        encoder.encode(AuditEvent(json.loads(line), line))
-        for line in ATTACK_LOG.read_bytes().splitlines()
-    ]
+    rows = [encoder.encode(AuditEvent(json.loads(line), line)) for line in _attack_lines()]
     store = Store.in_directory(tmp_path)
     store.open_for_writing()
     request = RequestRecord(
@@ -113,5 +134,5 @@ def test_rules_run_over_the_emulators_store(
     code = main(["detect", "--output", "json", "--emulator-state-dir", str(tmp_path)])
     report = json.loads(capsys.readouterr().out)
 
-    assert (1, len(rows)) == (code, report["rows"])
+    assert (1, 2) == (code, report["rows"])
     assert {"stored"} == {alert["columns"]["Cluster_Name"] for alert in report["alerts"]}
