@@ -513,7 +513,9 @@ def detections_report(rows: Sequence[StoredRow], store_dir: Path) -> tuple[str, 
     add_rows(table, (row.row for row in rows if row.row is not None))
     alerts = [alert for found in run_rules(table, rules).values() for alert in found]
     fired = len({alert.rule.slug for alert in alerts})
-    lines = [f"  {len(alerts)} alert(s) from {fired} of {len(rules)} detection rules:"]
+    lines = [
+        f"  detections:     {len(alerts)} alert(s) from {fired} of {len(rules)} rules (docs/detections.md)"
+    ]
     for alert in alerts:
         ids = alert.audit_ids
         lines.append(f"    {alert.rule.severity:<13} {alert.rule.slug}: {alert.entities_text()}")
