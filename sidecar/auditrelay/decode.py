@@ -53,6 +53,7 @@ class Reason:
     MISSING_LEVEL: Final = "missing_level"
     TRUNCATED_MSGPACK: Final = "truncated_msgpack"  # the chunk ends inside an event
     MALFORMED_MSGPACK: Final = "malformed_msgpack"  # invalid bytes after good events
+    UNHASHABLE_MAP_KEY: Final = "unhashable_map_key"  # a map key is a map: no dict can hold it
     NOT_MSGPACK: Final = "not_msgpack"  # the whole chunk (see DecodeError)
 
     ALL: Final = (
@@ -71,6 +72,7 @@ class Reason:
         MISSING_LEVEL,
         TRUNCATED_MSGPACK,
         MALFORMED_MSGPACK,
+        UNHASHABLE_MAP_KEY,
         NOT_MSGPACK,
     )
 
@@ -99,15 +101,39 @@ class ChunkStream:
 
     def __iter__(self) -> Iterator[AuditEvent]:
         progress = _Progress(0)
+        careful = False
+        while True:
+            try:
+                yield from _decode(self, progress, careful=careful)
+            except _UndecodableError:
+                # The events before ``progress.end`` decoded cleanly; go on from there carefully.
+                careful = True
+            except _UnhashableKeyError:
+                # One event holds a map used as a map key; set it aside and go on after it.
+                self._set_aside_one_event(progress)
+            else:
+                return
+
+    def _set_aside_one_event(self, progress: _Progress) -> None:
+        start = progress.end
+        unpacker = msgpack.Unpacker(max_buffer_size=max(len(self.chunk) - start, 1))
+        unpacker.feed(memoryview(self.chunk)[start:])
+        reason = Reason.UNHASHABLE_MAP_KEY
         try:
-            yield from _decode(self, progress, careful=False)
-        except _UndecodableError:
-            # The events before ``progress.end`` decoded cleanly; go on from there carefully.
-            yield from _decode(self, progress, careful=True)
+            unpacker.skip()  # skipping builds no dict, so it finds where the event ends
+            progress.end = start + unpacker.tell()
+        except (msgpack.UnpackException, ValueError):  # the chunk ends inside that event
+            reason, progress.end = Reason.TRUNCATED_MSGPACK, len(self.chunk)
+        self.records_seen += 1
+        self.dead_letters.append(DeadLetter(reason, self.chunk[start : progress.end], self.tag))
 
 
 class _UndecodableError(Exception):
     """Internal: a string of the chunk is not UTF-8; decode on the slow, careful way."""
+
+
+class _UnhashableKeyError(Exception):
+    """Internal: an event has a map as a map key; set that event aside and resume after it."""
 
 
 class _Progress:
@@ -174,6 +200,8 @@ def _decode(stream: ChunkStream, progress: _Progress, *, careful: bool) -> Itera
         if careful:  # cannot happen with surrogateescape; kept so a bug cannot loop
             raise DecodeError(f"undecodable text in the chunk: {error}") from error
         raise _UndecodableError from error
+    except TypeError as error:  # msgpack could not use a map as a dict key
+        raise _UnhashableKeyError from error
     except (msgpack.UnpackException, ValueError) as error:
         if end == 0:
             raise DecodeError(f"the chunk is not msgpack: {error}") from error
@@ -201,7 +229,8 @@ def _event_problem(item: Any) -> str | None:
         header = header[0]
     header_type = type(header)
     if header_type is int:  # integer seconds, or EventTime (see _event_time_seconds)
-        if GROUP_END_SECONDS <= header <= GROUP_START_SECONDS:
+        # A marker's body is a map; anything else there is skipped only with a letter.
+        if GROUP_END_SECONDS <= header <= GROUP_START_SECONDS and type(item[1]) is dict:
             return _GROUP_MARKER
     elif header_type is not float:
         return Reason.BAD_TIMESTAMP
@@ -254,6 +283,12 @@ def _audit_problem(fields: dict[Any, Any]) -> str | None:
     if type(fields.get("level")) is not str:
         return Reason.MISSING_LEVEL
     return None
+
+
+def audit_problem(fields: dict[Any, Any]) -> str | None:
+    """The one rule of what an audit event is, for previews that must agree with serve
+    (``auditrelay policy filter``): None, or the Reason it would be set aside for."""
+    return _audit_problem(fields)
 
 
 def _is_utf8_clean(record: dict[Any, Any]) -> bool:
