@@ -49,9 +49,8 @@ from auditrelay.config import PROPERTY_BY_NAME, Owner, PipelineSettings, Propert
 from auditrelay.deadletter import DeadLetterStore
 from auditrelay.decode import ChunkStream, Reason
 from auditrelay.deliver import Destination, secret_credential_factory
-from auditrelay.emulator import Emulator, EmulatorSettings
+from auditrelay.embedded import EmulatorProcess
 from auditrelay.errors import (
-    AuditRelayError,
     ConfigError,
     DecodeError,
     PolicyError,
@@ -198,32 +197,28 @@ def deadletter_store_factory(server: ServerSettings) -> DeadLetterFactory:
 class EmbeddedEmulator:
     """The bundled emulator as the destination of pipelines without an ``endpoint``.
 
-    Runs in this process, started once, the first time a pipeline needs it; its CA, token
+    Runs in a process of its own (``embedded.EmulatorProcess``), started once, the first time
+    a pipeline needs it, so that its work does not share this interpreter; its CA, token
     authority and a client secret of this process's own are what those pipelines use.
     """
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
-        self._emulator: Emulator | None = None
+        self._emulator: EmulatorProcess | None = None
         self._lock = asyncio.Lock()
         self._secret = secrets.token_urlsafe(24)
 
     @property
-    def running(self) -> Emulator | None:
+    def running(self) -> EmulatorProcess | None:
         """The emulator once started."""
         return self._emulator
 
-    async def ensure_started(self) -> Emulator:
+    async def ensure_started(self) -> EmulatorProcess:
         """The running emulator, started on the first call."""
         async with self._lock:
             if self._emulator is None:
-                emulator = Emulator(EmulatorSettings(state_dir=self.state_dir))
-                try:
-                    await emulator.start()
-                except OSError as error:
-                    raise AuditRelayError(
-                        f"the bundled emulator could not start in {self.state_dir}: {error}"
-                    ) from error
+                emulator = EmulatorProcess(self.state_dir)
+                await emulator.start()
                 self._emulator = emulator
             return self._emulator
 
@@ -237,21 +232,22 @@ class EmbeddedEmulator:
     ) -> DeliverySink:
         """A DeliverySink that delivers to the emulator with a real client-secret credential."""
         emulator = await self.ensure_started()
+        info = emulator.info
         destination = Destination(
-            endpoint=emulator.endpoint,
-            rule_id=emulator.dcr_id,
+            endpoint=info.endpoint,
+            rule_id=info.dcr_id,
             stream=settings.stream,
-            audience=emulator.settings.audience,
-            ca_file=emulator.ca_file,
+            audience=info.audience,
+            ca_file=info.ca_file,
         )
         credentials = secret_credential_factory(
-            emulator.authority_host, EMULATOR_TENANT, EMULATOR_CLIENT, self._secret
+            info.authority_host, EMULATOR_TENANT, EMULATOR_CLIENT, self._secret
         )
         log.info(
             "pipeline_delivers_to_emulator",
             pipeline=settings.instance_name,
-            endpoint=emulator.endpoint,
-            store=str(emulator.store.path),
+            endpoint=info.endpoint,
+            store=str(info.database),
             note="no endpoint is set: rows go to the bundled local emulator, not to Azure",
         )
         return DeliverySink(
