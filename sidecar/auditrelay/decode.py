@@ -100,6 +100,50 @@ _ARRAY_TYPES: Final = frozenset((*range(0x90, 0xA0), 0xDC, 0xDD))  # fixarray, a
 _GROUP_MARKER_PREFIX: Final = b"\xff\xff\xff"  # EventTime seconds 0xFFFFFFFF / 0xFFFFFFFE
 
 
+# The event Fluent Bit's tail writes without a parser, up to the length of its line:
+# [[EventTime, {}], {"log": <str>}], with 32-bit array and map headers (Fluent Bit's own), or the
+# shortest headers (other msgpack writers).
+_USUAL_FORMS: Final = (
+    (
+        b"\xdd\x00\x00\x00\x02\xdd\x00\x00\x00\x02\xd7\x00",
+        b"\xdf\x00\x00\x00\x00\xdf\x00\x00\x00\x01\xa3log",
+    ),
+    (b"\x92\x92\xd7\x00", b"\x80\x81\xa3log"),
+)
+
+
+def _usual_line(chunk: bytes, start: int) -> tuple[int, int] | None:
+    """Where the line of the usual event at ``start`` begins and ends (the event ends there
+    too), or None when the event there is not in the usual form, or is cut short."""
+    for head, middle in _USUAL_FORMS:
+        if not chunk.startswith(head, start):
+            continue
+        seconds = start + len(head)
+        if chunk.startswith(_GROUP_MARKER_PREFIX, seconds):
+            return None
+        text = seconds + 8
+        if not chunk.startswith(middle, text):
+            return None
+        text += len(middle)
+        header = chunk[text : text + 5]
+        if len(header) < 2:
+            return None
+        kind = header[0]
+        if kind == 0xDA:
+            begin, length = text + 3, int.from_bytes(header[1:3])
+        elif kind == 0xDB:
+            begin, length = text + 5, int.from_bytes(header[1:5])
+        elif kind == 0xD9:
+            begin, length = text + 2, header[1]
+        elif 0xA0 <= kind <= 0xBF:
+            begin, length = text + 1, kind & 0x1F
+        else:
+            return None
+        end = begin + length
+        return (begin, end) if end <= len(chunk) and begin <= end else None
+    return None
+
+
 class ChunkStream:
     """The audit events of one chunk, one at a time, so each can be filtered, encoded and freed
     before the next is decoded.
@@ -118,16 +162,42 @@ class ChunkStream:
     def __iter__(self) -> Iterator[AuditEvent]:
         chunk = self.chunk
         size = len(chunk)
-        unpacker = msgpack.Unpacker(max_buffer_size=max(size, 1))
-        unpacker.feed(chunk)
+        start = 0
+        while start < size:
+            span = _usual_line(chunk, start)
+            if span is None:
+                break
+            line = chunk[span[0] : span[1]]
+            if not line.isascii():
+                try:
+                    line.decode()
+                except UnicodeDecodeError:
+                    break  # the careful way sets the event aside with its msgpack bytes
+            self.records_seen += 1
+            result = _event_from_json(line)
+            if isinstance(result, str):
+                self._letter(result, line, b"")
+            else:
+                yield result
+            start = span[1]
+        if start < size:
+            yield from self._framed(start)
+
+    def _framed(self, base: int) -> Iterator[AuditEvent]:
+        """The events from ``base`` on, each found by msgpack's ``skip`` and decoded by msgspec,
+        or the careful way."""
+        chunk = self.chunk
+        size = len(chunk)
+        unpacker = msgpack.Unpacker(max_buffer_size=max(size - base, 1))
+        unpacker.feed(memoryview(chunk)[base:] if base else chunk)
         skip, tell = unpacker.skip, unpacker.tell
         view = memoryview(chunk)
         decode_frame = _FRAME_DECODER.decode
-        start = 0
+        start = base
         while start < size:
             if not self._skipped(skip, start):
                 return
-            end = tell()
+            end = base + tell()
             try:
                 (timestamp, _), record = decode_frame(view[start:end])
             except msgspec.MsgspecError:
