@@ -50,7 +50,9 @@ PATCH_ANNOTATION_PREFIX: Final = "patch.webhook.admission.k8s.io/"
 _RECORDED_LEVEL: Final[dict[object, Level]] = {level.text: level for level in Level}
 _PATCH_PREFIX_BYTES: Final = PATCH_ANNOTATION_PREFIX.encode()
 _MANAGED_FIELDS_BYTES: Final = b"managedFields"
-_ESCAPE: Final = b"\\u"  # a key spelled with \u escapes is the same key once decoded
+# A key spelled with \u escapes is the same key once decoded; the letters of managedFields
+# are ASCII, so their escapes start with \u00.
+_ESCAPE: Final = b"\\u00"
 
 
 @dataclass(slots=True)
@@ -204,7 +206,7 @@ def _lowered_event(
     """The event holding what ``level`` keeps, or None when that is everything."""
     header = event.header
     if type(header) is JsonEvent and event.raw is not None:
-        lowered = _lower_json(header, level, recorded, omit_managed_fields)
+        lowered = _lower_json(header, event.raw, level, recorded, omit_managed_fields)
         if lowered is None:
             return None
         return AuditEvent(raw=msgspec.json.encode(lowered), header=lowered)
@@ -213,7 +215,7 @@ def _lowered_event(
 
 
 def _lower_json(
-    header: JsonEvent, level: Level, recorded: Level, omit_managed_fields: bool
+    header: JsonEvent, line: bytes, level: Level, recorded: Level, omit_managed_fields: bool
 ) -> JsonEvent | None:
     """``_lower`` for an event decoded from JSON: the header with fields left out or replaced,
     or None when nothing goes. Bodies stay the line's bytes unless managed fields leave them."""
@@ -238,7 +240,11 @@ def _lower_json(
                         changes["annotations"] = msgspec.Raw(_dumps(kept))
         elif level < Level.REQUEST_RESPONSE:
             changes["responseObject"] = UNSET
-    if omit_managed_fields:
+    if (
+        omit_managed_fields
+        and (header.requestObject is not UNSET or header.responseObject is not UNSET)
+        and (_MANAGED_FIELDS_BYTES in line or _ESCAPE in line)
+    ):
         keys = ("responseObject",) if header.verb == "patch" else _OBJECT_KEYS
         for key in keys:
             body = getattr(header, key)
