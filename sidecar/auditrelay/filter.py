@@ -94,7 +94,7 @@ class PolicyFilter:
             return None
         recorded = _RECORDED_LEVEL.get(header.level, Level.REQUEST_RESPONSE)
         omit_managed_fields = decision.omit_managed_fields
-        if level >= recorded and not omit_managed_fields:
+        if level >= recorded and (not omit_managed_fields or _without_bodies(header)):
             self.counts.kept += 1
             return event
         lowered = _lowered_event(event, min(level, recorded), recorded, omit_managed_fields)
@@ -103,6 +103,15 @@ class PolicyFilter:
             return event
         self.counts.lowered += 1
         return lowered
+
+
+def _without_bodies(header: EventHeader) -> bool:
+    """True for an event decoded from JSON that has neither body (no managed fields to omit)."""
+    return (
+        type(header) is JsonEvent
+        and header.requestObject is UNSET
+        and header.responseObject is UNSET
+    )
 
 
 def request_attributes(event: AuditEvent | dict[str, Any]) -> RequestAttributes:
@@ -139,17 +148,14 @@ def _header_parts(
         namespace = ref.namespace or ""
         name = ref.name or ""
         create = verb == "create" and not subresource
-        if namespace or create:
-            # The checker saw the namespace and name the URL gave: the body fills a create's
-            # name in after the decision, and a body's namespace is copied into objectRef
-            # when the URL has none (audit.LogRequestObject), e.g. for a cluster-scoped object.
+        # The checker saw the namespace and name the URL gave: the body fills a create's name
+        # in after the decision, and a body's namespace is copied into objectRef when the URL
+        # has none (audit.LogRequestObject), e.g. for a cluster-scoped object.
+        if create:
             parsed = None if uri is UNSET else _namespace_and_name_in_uri(uri)
-            if parsed is not None:
-                namespace = parsed[0]
-                if create:
-                    name = parsed[1]
-            elif create:
-                name = ""
+            namespace, name = (namespace, "") if parsed is None else parsed
+        elif namespace and uri is not UNSET:
+            namespace = _namespace_in_uri(uri, namespace)
         return (
             username,
             groups,
@@ -170,6 +176,27 @@ def _header_parts(
 
 _SPECIAL_VERBS: Final = ("watch", "proxy")
 _NS_SUBRESOURCES: Final = frozenset({"status", "finalize"})
+
+
+def _namespace_in_uri(uri: str, namespace: str) -> str:
+    """The namespace kube-apiserver's RequestInfo parses from a resource URL, knowing that it is
+    either ``namespace`` (objectRef's) or none; the common URL forms are recognised at once."""
+    if uri.startswith(_CORE_PREFIX):
+        rest = uri[len(_CORE_PREFIX) :]
+    elif uri.startswith("/apis/"):
+        # /apis/<group>/<version>/namespaces/...: skip the group and the version.
+        version_end = uri.find("/", uri.find("/", 6) + 1)
+        rest = uri[version_end + 1 :] if version_end > 0 else ""
+        rest = rest[len("namespaces/") :] if rest.startswith("namespaces/") else ""
+    else:
+        rest = ""
+    if rest.startswith(namespace) and rest[len(namespace) : len(namespace) + 1] == "/":
+        return namespace  # .../namespaces/<namespace>/<something>: the URL's namespace
+    parsed = _namespace_and_name_in_uri(uri)
+    return namespace if parsed is None else parsed[0]
+
+
+_CORE_PREFIX: Final = "/api/v1/namespaces/"
 
 
 def _namespace_and_name_in_uri(uri: str) -> tuple[str, str] | None:
