@@ -6,15 +6,26 @@ the timestamp is an integer, a float or the EventTime extension (ext type 0, 8 b
 big-endian uint32 seconds and nanoseconds, as fixext8 or ext8). Since v3.1 group start/end
 markers (EventTime seconds 0xFFFFFFFF / 0xFFFFFFFE) may appear between events; they are skipped.
 
-A record is either an audit event parsed by Fluent Bit's json parser (a map), or the raw JSON
-line in ``log`` (no parser), which is parsed here and kept byte for byte in ``AuditEvent.raw``.
+A record is either the raw JSON line in ``log`` (Fluent Bit's tail without a parser, what the
+shipped configuration does), or an audit event Fluent Bit's json parser already parsed (a map).
 
-This is the hot path: per event, a handful of type checks and dict lookups, nothing more.
-EventTime values are decoded to their integer seconds (the sidecar needs no timestamp beyond
-recognising group markers, and msgpack's ExtType costs more than the rest of our per-event work).
-Anything that is not an audit.k8s.io Event becomes a ``DeadLetter`` with a specific reason and
+This is the hot path, and it decodes only what the policy and the row encoder read
+(``model.AuditEvent`` is the contract). The usual event, ``[[EventTime, {}], {"log": "<line>"}]``
+as Fluent Bit's tail writes it, is recognised by its fixed msgpack prefix, which gives the line's
+length; the line is decoded by one ``msgspec`` call into a ``model.JsonEvent``: the header fields
+typed, the bodies left as the line's own bytes (``msgspec.Raw``), nothing else built. From the
+first event in another form on, each event's bytes are found with msgpack's ``skip`` and decoded
+by a typed ``msgspec.msgpack`` call; anything else (a parsed map, an integer or float timestamp,
+a group marker, a line that is not a well-typed event) takes the careful way: the event is
+unpacked whole with ``msgpack`` (EventTime as its integer seconds) and its line parsed whole with
+``orjson``, and either becomes an event or a ``DeadLetter`` with a specific reason. A bad record
 never stops the good records of the same chunk. Only a chunk that does not even start with an
 event is refused whole (``DecodeError``).
+
+The fields the policy reads (``verb``, ``requestURI``, ``user.username``, ``user.groups``, the
+``objectRef`` names) must hold text: an event with a number, list or map there is set aside as
+``wrong_field_type`` (``null`` reads as absent). Of duplicate keys the last one wins, as in
+kube-apiserver's JSON decoding (and orjson's).
 """
 
 from __future__ import annotations
