@@ -96,12 +96,22 @@ class RawClient:
         return 200
 
 
+def _metadata(created: dict[str, Any], namespace: str) -> dict[str, Any]:
+    """Metadata for an update of ``created``: its name and resourceVersion, and ``namespace``."""
+    meta = created["metadata"]
+    return {
+        "name": meta["name"],
+        "resourceVersion": meta["resourceVersion"],
+        "namespace": namespace,
+    }
+
+
 def _send_bodies_with_namespaces(client: RawClient) -> None:
     role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "rules": []}
-    client.send("POST", RBAC, role | {"metadata": {"name": "body-ns", "namespace": "kube-system"}})
-    client.send(
-        "PUT", f"{RBAC}/body-ns", role | {"metadata": {"name": "body-ns", "namespace": "team-a"}}
+    created = client.send(
+        "POST", RBAC, role | {"metadata": {"name": "body-ns", "namespace": "kube-system"}}
     )
+    client.send("PUT", f"{RBAC}/body-ns", role | {"metadata": _metadata(created, "team-a")})
     namespace = {"apiVersion": "v1", "kind": "Namespace"}
     client.send(
         "POST",
@@ -111,8 +121,10 @@ def _send_bodies_with_namespaces(client: RawClient) -> None:
     client.send("POST", CRDS, WIDGET_CRD)
     wait_until(lambda: client.status(WIDGETS) == 200, timeout=60, what="the widgets CRD served")
     widget = {"apiVersion": "example.com/v1", "kind": "Widget"}
-    client.send("POST", WIDGETS, widget | {"metadata": {"name": "w", "namespace": "kube-system"}})
-    client.send("PUT", f"{WIDGETS}/w", widget | {"metadata": {"name": "w", "namespace": "team-a"}})
+    created = client.send(
+        "POST", WIDGETS, widget | {"metadata": {"name": "w", "namespace": "kube-system"}}
+    )
+    client.send("PUT", f"{WIDGETS}/w", widget | {"metadata": _metadata(created, "team-a")})
 
 
 def _copied_namespaces(events: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
