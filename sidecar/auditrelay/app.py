@@ -49,7 +49,7 @@ from auditrelay.config import PROPERTY_BY_NAME, Owner, PipelineSettings, Propert
 from auditrelay.deadletter import DeadLetterStore
 from auditrelay.decode import ChunkStream, Reason
 from auditrelay.deliver import Destination, secret_credential_factory
-from auditrelay.embedded import EmulatorProcess
+from auditrelay.emulator_process import EmulatorProcess
 from auditrelay.errors import (
     ConfigError,
     DecodeError,

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from auditrelay.embedded import EmulatorProcess
+from auditrelay.emulator_process import EmulatorProcess
 
 SIDECAR = Path(__file__).resolve().parents[2] / "sidecar"
 
@@ -47,7 +47,7 @@ def test_the_emulator_dies_with_a_killed_parent(tmp_path: Path) -> None:
     script = (
         "import asyncio, sys, time\n"
         "from pathlib import Path\n"
-        "from auditrelay.embedded import EmulatorProcess\n"
+        "from auditrelay.emulator_process import EmulatorProcess\n"
         "async def main():\n"
         "    emulator = EmulatorProcess(Path(sys.argv[1]))\n"
         "    await emulator.start()\n"
