@@ -30,26 +30,21 @@ committed on the decode thread.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
-import re
-import secrets
 import signal
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Final, Protocol, runtime_checkable
 
-import orjson
 import structlog
 
 from auditrelay import __version__
-from auditrelay.config import PROPERTY_BY_NAME, Owner, PipelineSettings, Property, ServerSettings
+from auditrelay.config import PipelineSettings, ServerSettings
 from auditrelay.deadletter import DeadLetterStore
 from auditrelay.decode import ChunkStream, Reason
-from auditrelay.deliver import Destination, secret_credential_factory
-from auditrelay.emulator_process import EmulatorProcess
+from auditrelay.embedded import EmbeddedEmulator
 from auditrelay.errors import (
     ConfigError,
     DecodeError,
@@ -71,6 +66,16 @@ from auditrelay.model import (
 )
 from auditrelay.receive import PipelineNotFoundError, RelayServer
 from auditrelay.sink import DeliverySink
+from auditrelay.spools import (
+    Appender,
+    OrphanWatch,
+    inventory,
+    legacy_pipeline_id,
+    pipeline_id_for,
+    record_owners,
+    rename_unused,
+    write_destination,
+)
 
 log = structlog.get_logger("auditrelay.app")
 
@@ -80,9 +85,7 @@ DeadLetterFactory = Callable[[PipelineSettings, str], DeadLetterSink]
 
 SHUTDOWN_GRACE_SECONDS: Final = 10.0
 DRAIN_SECONDS: Final = 10.0
-# The identity the embedded emulator's token endpoint sees; it accepts any client's secret.
-EMULATOR_TENANT: Final = "auditrelay-embedded"
-EMULATOR_CLIENT: Final = "auditrelay-sidecar"
+ORPHAN_CHECK_SECONDS: Final = 5.0
 
 
 @runtime_checkable
@@ -147,6 +150,8 @@ class Pipeline:
     dead_letters: DeadLetterSink
     metrics: PipelineMetrics
     counters: PipelineCounters = field(default_factory=PipelineCounters)
+    pushes: int = 0  # in flight; a rebuild waits for them to finish
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass(slots=True)
@@ -163,28 +168,6 @@ class _Outcome:
     deferred: SpoolError | None = None  # the RowSink's append failed
 
 
-_UNSAFE_ID_CHARS: Final = re.compile(r"[^A-Za-z0-9_.-]+")
-_PIPELINE_PROPERTY: Final = Property("unknown", Owner.PIPELINE, "")
-
-
-def pipeline_id_for(instance_name: str, properties: Mapping[str, str]) -> str:
-    """A stable id: the same instance with the same pipeline properties gets the same id, also
-    after a restart of either side, so the pipeline's directories (dead letters, spool) are found
-    again. The plugin's own properties (address, timeouts) do not change what the pipeline is.
-    """
-    relevant = {
-        key.lower(): value
-        for key, value in properties.items()
-        if PROPERTY_BY_NAME.get(key.lower(), _PIPELINE_PROPERTY).owner is Owner.PIPELINE
-    }
-    canonical = orjson.dumps(
-        {"instance": instance_name, "properties": relevant}, option=orjson.OPT_SORT_KEYS
-    )
-    digest = hashlib.sha256(canonical).hexdigest()[:16]
-    name = _UNSAFE_ID_CHARS.sub("_", instance_name).strip("._") or "pipeline"
-    return f"{name[:64]}-{digest}"
-
-
 def deadletter_store_factory(server: ServerSettings) -> DeadLetterFactory:
     """Dead letters of a pipeline go under <state_dir>/deadletter/<pipeline_id>/."""
 
@@ -192,78 +175,6 @@ def deadletter_store_factory(server: ServerSettings) -> DeadLetterFactory:
         return DeadLetterStore(server.state_dir / "deadletter" / pipeline_id)
 
     return build
-
-
-class EmbeddedEmulator:
-    """The bundled emulator as the destination of pipelines without an ``endpoint``.
-
-    Runs in a process of its own (``embedded.EmulatorProcess``), started once, the first time
-    a pipeline needs it, so that its work does not share this interpreter; its CA, token
-    authority and a client secret of this process's own are what those pipelines use.
-    """
-
-    def __init__(self, state_dir: Path) -> None:
-        self.state_dir = state_dir
-        self._emulator: EmulatorProcess | None = None
-        self._lock = asyncio.Lock()
-        self._secret = secrets.token_urlsafe(24)
-
-    @property
-    def running(self) -> EmulatorProcess | None:
-        """The emulator once started."""
-        return self._emulator
-
-    async def ensure_started(self) -> EmulatorProcess:
-        """The running emulator, started on the first call."""
-        async with self._lock:
-            if self._emulator is None:
-                emulator = EmulatorProcess(self.state_dir)
-                await emulator.start()
-                self._emulator = emulator
-            return self._emulator
-
-    async def sink_for(
-        self,
-        settings: PipelineSettings,
-        *,
-        directory: Path,
-        metrics: PipelineMetrics,
-        dead_letters: DeadLetterSink,
-    ) -> DeliverySink:
-        """A DeliverySink that delivers to the emulator with a real client-secret credential."""
-        emulator = await self.ensure_started()
-        info = emulator.info
-        destination = Destination(
-            endpoint=info.endpoint,
-            rule_id=info.dcr_id,
-            stream=settings.stream,
-            audience=info.audience,
-            ca_file=info.ca_file,
-        )
-        credentials = secret_credential_factory(
-            info.authority_host, EMULATOR_TENANT, EMULATOR_CLIENT, self._secret
-        )
-        log.info(
-            "pipeline_delivers_to_emulator",
-            pipeline=settings.instance_name,
-            endpoint=info.endpoint,
-            store=str(info.database),
-            note="no endpoint is set: rows go to the bundled local emulator, not to Azure",
-        )
-        return DeliverySink(
-            settings,
-            directory=directory,
-            metrics=metrics,
-            dead_letters=dead_letters,
-            destination=destination,
-            credential_factory=credentials,
-        )
-
-    async def stop(self) -> None:
-        """Stops the emulator if it runs."""
-        if self._emulator is not None:
-            await self._emulator.stop()
-            self._emulator = None
 
 
 class App:
@@ -296,31 +207,121 @@ class App:
         # One thread: chunks are CPU-bound under the GIL; more threads would only contend.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auditrelay-decode")
         self._configure_lock = asyncio.Lock()
+        self._rebuilding: dict[str, asyncio.Event] = {}  # pushes to these wait
         self._policies_logged: set[Path] = set()
+        self.orphans = OrphanWatch(
+            self.spool_root,
+            lambda: tuple(self.pipelines),
+            after=settings.orphan_after,
+            appender=self._appender,
+        )
+        self.orphans.bind(self.metrics)
 
     # -- RelayHandler --
 
     async def configure(
         self, properties: Mapping[str, str], instance_name: str, plugin_version: str
     ) -> str:
-        """Returns the pipeline for these properties, creating (and starting) it the first time."""
-        pipeline_settings = PipelineSettings.from_properties(properties, instance_name)
-        pipeline_id = pipeline_id_for(instance_name, properties)
+        """Returns the pipeline for these properties, creating (and starting) it the first time.
+
+        The id is the instance and the destination. The same id with other settings (a rotated
+        secret, new tuning, another policy) rebuilds the pipeline's filter and delivery with
+        them; its spool, and the backlog in it, stay.
+        """
+        settings = PipelineSettings.from_properties(properties, instance_name)
+        pipeline_id = pipeline_id_for(settings)
         async with self._configure_lock:
-            created = pipeline_id not in self.pipelines
-            if created:
-                self.pipelines[pipeline_id] = await self._build_pipeline(
-                    pipeline_settings, pipeline_id
-                )
+            current = self.pipelines.get(pipeline_id)
+            changed: list[str] = []
+            if current is None:
+                self._adopt_legacy_directories(pipeline_id, instance_name, properties)
+                self.pipelines[pipeline_id] = await self._build_pipeline(settings, pipeline_id)
+                if self.sink_factory is None:
+                    record_owners(self.spool_root, self.pipelines)
+            elif current.settings != settings:
+                changed = _changed_settings(current.settings, settings)
+                await self._rebuild(current, settings)
         log.info(
             "pipeline_configured",
             pipeline_id=pipeline_id,
             instance_name=instance_name,
             plugin_version=plugin_version,
-            created=created,
+            created=current is None,
+            rebuilt_for=changed,
             properties=sorted(properties),
         )
         return pipeline_id
+
+    def _appender(self, pipeline_id: str) -> Appender | None:
+        """Where rows drained from an orphan go: the running pipeline's spool (any thread)."""
+        pipeline = self.pipelines.get(pipeline_id)
+        if pipeline is None or pipeline_id in self._rebuilding:
+            return None
+        sink = pipeline.sink
+        return sink.adopt if isinstance(sink, DeliverySink) else None
+
+    @property
+    def spool_root(self) -> Path:
+        """Where the pipelines' spools live: ``<state_dir>/spool``."""
+        return self.settings.state_dir / "spool"
+
+    def _adopt_legacy_directories(
+        self, pipeline_id: str, instance_name: str, properties: Mapping[str, str]
+    ) -> None:
+        """Renames the spool and dead letters an earlier version kept under the old id (a hash of
+        every property) to the new id, when nothing uses them and the new id has none yet."""
+        legacy = legacy_pipeline_id(instance_name, properties)
+        if legacy == pipeline_id or self.sink_factory is not None:
+            return
+        state = self.settings.state_dir
+        try:
+            renamed = rename_unused(self.spool_root / legacy, self.spool_root / pipeline_id)
+        except SpoolError as error:
+            log.warning(
+                "spool_not_migrated", spool=legacy, pipeline_id=pipeline_id, error=str(error)
+            )
+            return
+        if renamed:
+            letters = state / "deadletter"
+            if (letters / legacy).is_dir() and not (letters / pipeline_id).exists():
+                os.rename(letters / legacy, letters / pipeline_id)
+            log.info("spool_migrated", spool=legacy, pipeline_id=pipeline_id)
+
+    async def _rebuild(self, pipeline: Pipeline, settings: PipelineSettings) -> None:
+        """Gives a running pipeline new settings: new pushes wait, those in flight finish, the
+        delivery stops (what it had in flight stays in the spool and is sent again), and the
+        pipeline starts over on the same spool. If the new settings cannot start, the old ones
+        are restored and the error is Configure's answer."""
+        event_filter = self._build_filter(settings)  # a bad policy fails before anything stops
+        gate = asyncio.Event()
+        self._rebuilding[pipeline.pipeline_id] = gate
+        try:
+            while pipeline.pushes:
+                pipeline.settled.clear()
+                await pipeline.settled.wait()
+            await _stop_sink(pipeline.sink)
+            try:
+                sink = await self._start_sink(settings, pipeline)
+            except BaseException:
+                try:
+                    pipeline.sink = await self._start_sink(pipeline.settings, pipeline)
+                except Exception:  # gone: the plugin's next push configures it afresh
+                    del self.pipelines[pipeline.pipeline_id]
+                raise
+            if isinstance(pipeline.event_filter, Closable):
+                await pipeline.event_filter.aclose()
+            pipeline.settings, pipeline.event_filter, pipeline.sink = settings, event_filter, sink
+        finally:
+            del self._rebuilding[pipeline.pipeline_id]
+            gate.set()
+
+    async def _start_sink(self, settings: PipelineSettings, pipeline: Pipeline) -> EventSink:
+        sink = await self._build_sink(
+            settings, pipeline.pipeline_id, pipeline.metrics, pipeline.dead_letters
+        )
+        if isinstance(sink, Startable):
+            await sink.start()
+        return sink
 
     async def _build_pipeline(self, settings: PipelineSettings, pipeline_id: str) -> Pipeline:
         event_filter = self._build_filter(settings)
@@ -359,7 +360,8 @@ class App:
     ) -> EventSink:
         if self.sink_factory is not None:
             return self.sink_factory(settings, pipeline_id)
-        directory = self.settings.state_dir / "spool" / pipeline_id
+        directory = self.spool_root / pipeline_id
+        write_destination(directory, pipeline_id, settings)
         if settings.uses_emulator:
             return await self.emulator.sink_for(
                 settings, directory=directory, metrics=metrics, dead_letters=dead_letters
@@ -370,11 +372,22 @@ class App:
 
     async def push(self, pipeline_id: str, tag: str, chunk: bytes) -> PushResult:
         """Decodes, filters and stores one chunk; raises PipelineNotFoundError or SpoolError."""
+        while (gate := self._rebuilding.get(pipeline_id)) is not None:
+            await gate.wait()
         pipeline = self.pipelines.get(pipeline_id)
         if pipeline is None:
             raise PipelineNotFoundError(
                 f"unknown pipeline {pipeline_id!r}: the sidecar restarted; configure again"
             )
+        pipeline.pushes += 1
+        try:
+            return await self._push(pipeline, tag, chunk)
+        finally:
+            pipeline.pushes -= 1
+            if not pipeline.pushes:
+                pipeline.settled.set()
+
+    async def _push(self, pipeline: Pipeline, tag: str, chunk: bytes) -> PushResult:
         counters = pipeline.counters
         counters.chunks_received += 1
         counters.chunk_bytes_received += len(chunk)
@@ -385,11 +398,13 @@ class App:
                 raise outcome.deferred
             if outcome.kept:
                 await pipeline.sink.append(outcome.kept)
+                if outcome.letters:  # after the append, as _process_chunk does
+                    await asyncio.to_thread(pipeline.dead_letters.put, outcome.letters)
         except SpoolError as error:
             counters.chunks_retry_later += 1
             log.warning(
                 "chunk_deferred",
-                pipeline_id=pipeline_id,
+                pipeline_id=pipeline.pipeline_id,
                 events=outcome.accepted,
                 reason=str(error),
             )
@@ -455,23 +470,23 @@ class App:
         return {pipeline_id: p.counters for pipeline_id, p in self.pipelines.items()}
 
     def problems(self) -> list[str]:
-        """Why the sidecar is not ready (what /readyz answers): every pipeline's problems."""
+        """Why the sidecar is not ready (what /readyz answers): every pipeline's problems, and
+        every spool with a backlog that no pipeline delivers."""
         return [
             problem
             for pipeline in list(self.pipelines.values())
             if isinstance(pipeline.sink, HasProblems)
             for problem in pipeline.sink.problems()
-        ]
+        ] + self.orphans.problems()
 
     async def aclose(self) -> None:
         """Drains and stops every pipeline (together, within drain_seconds), then the emulator
         and the worker thread."""
         stops: list[Awaitable[None]] = []
         for pipeline in self.pipelines.values():
-            if isinstance(pipeline.sink, Startable):
-                stops.append(pipeline.sink.stop(self.drain_seconds))
-            parts = (pipeline.event_filter, pipeline.sink)
-            stops.extend(part.aclose() for part in parts if isinstance(part, Closable))
+            stops.append(_stop_sink(pipeline.sink, self.drain_seconds))
+            if isinstance(pipeline.event_filter, Closable):
+                stops.append(pipeline.event_filter.aclose())
         results = await asyncio.gather(*stops, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
@@ -484,9 +499,23 @@ class App:
         self._executor.shutdown(wait=True)
 
 
+async def _stop_sink(sink: EventSink, drain_seconds: float = 0.0) -> None:
+    """Stops a sink's delivery (after up to ``drain_seconds`` of it) and releases it."""
+    if isinstance(sink, Startable):
+        await sink.stop(drain_seconds)
+    if isinstance(sink, Closable):
+        await sink.aclose()
+
+
+def _changed_settings(old: PipelineSettings, new: PipelineSettings) -> list[str]:
+    """The names (never the values) of the settings that differ."""
+    return [item.name for item in fields(old) if getattr(old, item.name) != getattr(new, item.name)]
+
+
 def _process_chunk(pipeline: Pipeline, tag: str, chunk: bytes) -> _Outcome:
     """Decode and filter (and, for a RowSink, encode and append), on the worker thread; dead
-    letters are made durable here too."""
+    letters are made durable here too, once the kept rows are stored: a chunk answered
+    RETRY_LATER comes back whole, and its letters must be written once, not per attempt."""
     stream = ChunkStream(chunk, tag)
     apply = pipeline.event_filter.apply
     sink = pipeline.sink
@@ -506,8 +535,6 @@ def _process_chunk(pipeline: Pipeline, tag: str, chunk: bytes) -> _Outcome:
         pipeline.dead_letters.put(letters)
         return _Outcome([], 0, 0, 0, letters, not_msgpack=str(error), records_seen=1)
     letters = stream.dead_letters
-    if letters:
-        pipeline.dead_letters.put(letters)
     outcome = _Outcome(
         kept, accepted, received, received - accepted, letters, "", stream.records_seen
     )
@@ -516,6 +543,9 @@ def _process_chunk(pipeline: Pipeline, tag: str, chunk: bytes) -> _Outcome:
             writer.commit()
         except SpoolError as error:
             outcome.deferred = error
+            return outcome
+    if letters and not kept:  # kept events (not a RowSink) are appended, then letters, in push
+        pipeline.dead_letters.put(letters)
     return outcome
 
 
@@ -552,7 +582,9 @@ async def serve(
         )
         if started is not None:
             started(address)
+        watcher = asyncio.create_task(_watch_orphans(app), name="orphaned-spools")
         await stop.wait()
+        watcher.cancel()
         log.info("server_stopping", grace_seconds=grace)
         await server.stop(grace)
     finally:
@@ -562,6 +594,24 @@ async def serve(
         await app.aclose()
         await health.stop()
     log.info("server_stopped")
+
+
+async def _watch_orphans(app: App) -> None:
+    """Logs spools no pipeline owns (``spool_orphaned``) once they count as orphaned, and again
+    whenever the set changes; /metrics and /readyz ask for themselves."""
+    found = await asyncio.to_thread(inventory, app.spool_root)
+    if found:
+        log.info(
+            "spools_found",
+            spools={info.pipeline_id: info.pending_bytes for info in found},
+            note=f"a spool no pipeline claims within {app.settings.orphan_after:g}s is orphaned",
+        )
+    while True:
+        await asyncio.sleep(ORPHAN_CHECK_SECONDS)
+        try:
+            await asyncio.to_thread(app.orphans.check)
+        except OSError as error:
+            log.warning("spool_check_failed", error=str(error))
 
 
 async def _start_health(health: HealthServer, address: str) -> None:

@@ -144,13 +144,21 @@ def render_configuration_doc() -> str:
     for prop in PROPERTIES:
         default = f"`{prop.default}`" if prop.default is not None else "(not set)"
         secret = " Secret: never logged." if prop.secret else ""
+        destination = " Destination: names the pipeline's spool." if prop.destination else ""
         lines.append(
-            f"| `{prop.name}` | {prop.owner.value} | {default} | {prop.description}{secret} |"
+            f"| `{prop.name}` | {prop.owner.value} | {default} | "
+            f"{prop.description}{secret}{destination} |"
         )
     lines += [
         "",
         "Durations take `ms`, `s`, `m` or `h` (`500ms`, `5s`); sizes take binary `k`, `M`, `G`",
         "(`512k`, `1G`).",
+        "",
+        "A pipeline is its output instance and its *destination* (the properties marked so above).",
+        "Changing any other property, a rotated `client_secret` included, keeps the pipeline and",
+        "its spool: the backlog is delivered with the new settings. Changing the destination starts",
+        "a new spool; the old one, if it still holds rows, is reported as orphaned (see",
+        "[operations.md](operations.md#orphaned-spools)).",
         "",
         "The sidecar process itself is configured by flags of `auditrelay serve`, or by",
         "`AUDITRELAY_<FLAG>` environment variables (`--state-dir` is `AUDITRELAY_STATE_DIR`).",

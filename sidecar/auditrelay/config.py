@@ -210,6 +210,9 @@ class Property:
     default: str | None = None  # as the user would write it; None means not set
     parse: Callable[[str], Any] = parse_text
     secret: bool = False  # never logged, never echoed in an error
+    # Part of where the rows go: the pipeline's id (and so its spool) is its instance and these;
+    # every other property can change and the spool's backlog stays with the pipeline.
+    destination: bool = False
 
 
 PROPERTIES: tuple[Property, ...] = (
@@ -233,16 +236,16 @@ PROPERTIES: tuple[Property, ...] = (
     # The pipeline's: where the events go.
     Property("endpoint", Owner.PIPELINE,
              "Logs ingestion endpoint of the DCR or its DCE. Unset: the bundled local emulator.",
-             None, parse_https_url),
+             None, parse_https_url, destination=True),
     Property("endpoint_ca", Owner.PIPELINE,
              "Extra CA bundle to trust for the endpoint (the emulator's CA, a TLS-inspecting proxy).",
              None, parse_readable_file),
     Property("dcr_id", Owner.PIPELINE,
              "Immutable id of the data collection rule (dcr-...). Required with endpoint.",
-             None, parse_dcr_id),
+             None, parse_dcr_id, destination=True),
     Property("stream", Owner.PIPELINE,
              "Stream of the data collection rule that receives the rows.",
-             "Custom-KubeAudit_CL", parse_stream),
+             "Custom-KubeAudit_CL", parse_stream, destination=True),
     Property("auth", Owner.PIPELINE,
              "How to get tokens: workload_identity, managed_identity, client_secret, "
              "client_certificate or default (DefaultAzureCredential).",
@@ -295,6 +298,7 @@ PROPERTIES: tuple[Property, ...] = (
 )  # fmt: skip
 
 PROPERTY_BY_NAME: dict[str, Property] = {prop.name: prop for prop in PROPERTIES}
+DESTINATION_PROPERTIES: tuple[str, ...] = tuple(p.name for p in PROPERTIES if p.destination)
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +335,13 @@ class PipelineSettings:
     def uses_emulator(self) -> bool:
         """No endpoint set: the pipeline delivers to the bundled local emulator."""
         return self.endpoint is None
+
+    def destination(self) -> dict[str, str | None]:
+        """Where the rows go, as parsed (defaults applied): the destination properties' values.
+
+        No secret is among them, so this may be logged and written beside the spool.
+        """
+        return {name: getattr(self, name) for name in DESTINATION_PROPERTIES}
 
     @classmethod
     def from_properties(
@@ -439,6 +450,7 @@ class ServerSettings:
     log_format: LogFormat = LogFormat.AUTO
     log_level: str = "info"
     max_chunk_bytes: int = 64 << 20  # the largest Push accepted; Fluent Bit chunks are ~2 MB
+    orphan_after: float = 60.0  # seconds after start that a spool no pipeline claimed is an orphan
 
     @staticmethod
     def env_name(field_name: str) -> str:

@@ -443,6 +443,12 @@ def _texts_or_null(mapping: dict[Any, Any], keys: tuple[str, ...]) -> bool:
     return all(type(value) is str or value is None for value in map(mapping.get, keys))
 
 
+def audit_problem(fields: dict[Any, Any]) -> str | None:
+    """The one rule of what an audit event is, for previews that must agree with serve
+    (``auditrelay policy filter``): None, or the Reason it would be set aside for."""
+    return _audit_problem(fields)
+
+
 def _is_utf8_clean(record: dict[Any, Any]) -> bool:
     """False when a string holds surrogate escapes of non-UTF-8 bytes (careful pass only)."""
     try:

@@ -150,6 +150,16 @@ class Metrics:
             "Unix time of the last successful request.",
         )
         self.ready = gauge("auditrelay_pipeline_ready", "1 when the pipeline is ready, else 0.")
+        self.spool_orphaned_bytes = Gauge(
+            "auditrelay_spool_orphaned_bytes",
+            "Bytes pending in spools that no configured pipeline owns (see auditrelay spool list).",
+            registry=reg,
+        )
+        self.spools_orphaned = Gauge(
+            "auditrelay_spools_orphaned",
+            "Spools with pending rows that no configured pipeline owns.",
+            registry=reg,
+        )
         self.request_duration = Histogram(
             "auditrelay_request_duration_seconds",
             "Duration of one request to the Logs Ingestion API.",

@@ -186,6 +186,34 @@ def _check_key_pair(settings: ServerSettings, cert: bytes, key: bytes) -> list[P
     return []
 
 
+def _log_certificate(leaf: x509.Certificate, clients_need_certificates: bool) -> None:
+    """What a plugin will be shown, so that a refused handshake can be understood from this
+    side too: the names the certificate is valid for, until when, and whether the plugin must
+    present a certificate. An expired (or not yet valid) certificate is an error: every plugin
+    refuses it. Refused handshakes themselves are logged by gRPC's core on stderr
+    ("Handshake failed ...")."""
+    try:
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        valid_for = [str(name.value) for name in names]
+    except x509.ExtensionNotFound:
+        valid_for = []
+    start, end = leaf.not_valid_before_utc, leaf.not_valid_after_utc
+    log.info(
+        "tls_configured",
+        valid_for=valid_for,
+        not_after=end.isoformat(),
+        client_certificate_required=clients_need_certificates,
+    )
+    now = time.time()
+    if not start.timestamp() <= now <= end.timestamp():
+        log.error(
+            "tls_certificate_not_valid",
+            not_before=start.isoformat(),
+            not_after=end.isoformat(),
+            note="every plugin refuses this certificate (expired or not yet valid): renew tls_cert",
+        )
+
+
 def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials:
     """TLS credentials for a TCP listener; requires and checks client certificates given a CA."""
     missing = [
@@ -209,6 +237,7 @@ def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials:
             )
     if problems:
         raise ConfigError(problems)
+    _log_certificate(x509.load_pem_x509_certificates(cert)[0], client_ca is not None)
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )

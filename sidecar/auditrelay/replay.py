@@ -9,13 +9,13 @@ number, set aside in the pipeline's dead letters, and never stop the lines after
 
 Resuming: after a batch is durable in the spool, the file's checkpoint is written (atomically,
 fsynced): the file's identity (path, inode, size, SHA-256 of its first KiB) and the offset and
-number of the first line not yet spooled. A later run with the same pipeline properties and state
+number of the first line not yet spooled. A later run to the same destination and state
 directory opens the same spool (resending what it still holds) and goes on from each checkpoint,
 so an interruption, even SIGKILL, loses nothing; at most the batch that was being spooled when
 it struck is sent twice. A file whose identity changed (rotated, rewritten) is read from its
 start; a completed file that has not grown is skipped.
 
-State directory layout (per pipeline id, from the instance name and the pipeline properties)::
+State directory layout (per pipeline id, from the instance name and the destination)::
 
     replay/<pipeline_id>/spool/            the DeliverySink's spool
     replay/<pipeline_id>/deadletter/       lines that are not audit events, rows refused (400)
@@ -42,15 +42,16 @@ import msgpack
 import orjson
 import yaml
 
-from auditrelay.app import EmbeddedEmulator, pipeline_id_for
 from auditrelay.config import PipelineSettings, SpoolSync
 from auditrelay.deadletter import DeadLetterStore
 from auditrelay.decode import Reason, decode_chunk
+from auditrelay.embedded import EmbeddedEmulator
 from auditrelay.errors import ConfigError, PropertyProblem, SpoolFullError
 from auditrelay.filter import PolicyFilter
 from auditrelay.metrics import Metrics
 from auditrelay.model import AuditEvent, DeadLetter
 from auditrelay.sink import DeliverySink
+from auditrelay.spools import legacy_pipeline_id, pipeline_id_for
 
 HEAD_BYTES: Final = 1024  # the start of a file that, with its inode, identifies it
 BATCH_LINES: Final = 2000
@@ -531,8 +532,13 @@ class Replay:
         self.options = options
         self.stop = stop
         self.settings = PipelineSettings.from_properties(options.properties, INSTANCE_NAME)
-        self.pipeline_id = pipeline_id_for(INSTANCE_NAME, options.properties)
+        self.pipeline_id = pipeline_id_for(self.settings)
         self.base = options.state_dir / "replay" / self.pipeline_id
+        legacy = (
+            options.state_dir / "replay" / legacy_pipeline_id(INSTANCE_NAME, options.properties)
+        )
+        if legacy.is_dir() and not self.base.exists():
+            legacy.rename(self.base)  # a run of an earlier version, named by every property
         self.filter = PolicyFilter.from_file(self.settings.policy)
         self.metrics = Metrics()
         self.totals = Totals()

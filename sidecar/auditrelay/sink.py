@@ -218,17 +218,26 @@ class DeliverySink:
         if truncated != self._truncated_seen:
             self.metrics.fields_truncated.inc(truncated - self._truncated_seen)
             self._truncated_seen = truncated
+        if rows:
+            try:
+                self.spool.append(rows)
+            except SpoolFullError:
+                self.metrics.spool_full.inc()
+                raise
+        # After the rows: a chunk that did not fit comes back whole; its letters go once.
         if letters:
             self._dead_letters.put(letters)
         if not rows:
             return
-        try:
-            self.spool.append(rows)
-        except SpoolFullError:
-            self.metrics.spool_full.inc()
-            raise
         self.metrics.events_spooled.inc(len(rows))
         self.metrics.spooled_bytes.inc(sum(map(len, rows)))
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._wakeup.set)
+
+    def adopt(self, rows: Sequence[bytes]) -> None:
+        """Stores rows moved from an orphaned spool (blocking, any thread) and wakes the pump."""
+        self.spool.append(rows)
         loop = self._loop
         if loop is not None:
             loop.call_soon_threadsafe(self._wakeup.set)

@@ -91,6 +91,80 @@ def _segment_name(number: int) -> str:
     return f"{number:016d}{SEGMENT_SUFFIX}"
 
 
+@dataclass(frozen=True, slots=True)
+class SpoolSummary:
+    """What a spool directory holds, read without opening (or locking) the spool."""
+
+    used_bytes: int  # every segment file
+    pending_bytes: int  # after the cursor, frames included
+    pending_rows: int | None  # None when not counted
+
+
+def summarize(directory: Path, *, count_rows: bool = False) -> SpoolSummary:
+    """Reads a spool directory's segments and cursor without changing anything; safe while
+    another process uses the spool (its figures are then a moment's snapshot)."""
+    sizes: dict[int, int] = {}
+    for path in directory.glob("*" + SEGMENT_SUFFIX):
+        if path.stem.isdigit():
+            try:
+                sizes[int(path.stem)] = path.stat().st_size
+            except FileNotFoundError:  # delivered and deleted while we looked
+                continue
+    cursor = _read_cursor(directory / CURSOR_FILE) or Position(min(sizes, default=1), 0)
+    pending = [(n, size) for n, size in sorted(sizes.items()) if n >= cursor.segment]
+    offset_in_first = cursor.offset if pending and pending[0][0] == cursor.segment else 0
+    pending_bytes = max(0, sum(size for _, size in pending) - offset_in_first)
+    rows = None
+    if count_rows:
+        rows = 0
+        for number, size in pending:
+            start = offset_in_first if number == cursor.segment else 0
+            rows += _count_frames(directory / _segment_name(number), start, size)
+    return SpoolSummary(sum(sizes.values()), pending_bytes, rows)
+
+
+def in_use(directory: Path) -> bool:
+    """Whether a process has the spool open (holds its lock); never creates anything."""
+    try:
+        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases the lock we may have taken
+    return False
+
+
+def _read_cursor(path: Path) -> Position | None:
+    try:
+        stored = json.loads(path.read_text(encoding="ascii"))
+        return Position(int(stored["segment"]), int(stored["offset"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _count_frames(path: Path, start: int, end: int) -> int:
+    """Whole frames from ``start``, by their lengths alone (a torn tail ends the count)."""
+    count = 0
+    try:
+        with open(path, "rb") as segment:
+            segment.seek(start)
+            offset = start
+            while offset + FRAME.size <= end:
+                length, _ = FRAME.unpack(segment.read(FRAME.size))
+                if length > MAX_FRAME_PAYLOAD or offset + FRAME.size + length > end:
+                    break
+                segment.seek(length, os.SEEK_CUR)
+                offset += FRAME.size + length
+                count += 1
+    except (OSError, struct.error):
+        pass  # gone or torn while we looked: what was counted stands
+    return count
+
+
 def frame(rows: Sequence[bytes]) -> bytes:
     """The bytes one append writes: every row framed with its length and CRC32."""
     pack = FRAME.pack

@@ -6,10 +6,10 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
-from auditrelay.app import App, pipeline_id_for
+from auditrelay.app import App
 from auditrelay.config import PipelineSettings, ServerSettings
 from auditrelay.deadletter import payload_of, read_letters
 from auditrelay.decode import Reason, decode_chunk
@@ -19,6 +19,8 @@ from auditrelay.metrics import Metrics
 from auditrelay.model import AuditEvent, PushResult, PushStatus
 from auditrelay.receive import PipelineNotFoundError
 from auditrelay.sink import DeliverySink
+from auditrelay.spool import Spool
+from auditrelay.spools import legacy_pipeline_id, pipeline_id_for, read_record
 from fixtures import chunks
 from fixtures.chunks import audit_line, chunk, parsed_event, raw_log_event
 
@@ -175,7 +177,7 @@ class TestConfigure:
 
     def test_pipeline_id_is_safe_as_a_directory_name(self) -> None:
         """Alias names with slashes or spaces cannot escape the state directory."""
-        pipeline_id = pipeline_id_for("../../etc/my output", {})
+        pipeline_id = pipeline_id_for(PipelineSettings.from_properties({}, "../../etc/my output"))
 
         assert "/" not in pipeline_id
         assert not pipeline_id.startswith(".")
@@ -342,7 +344,7 @@ class TestDefaultPipeline:
         app = App(settings, metrics=metrics)
         try:
             pipeline_id = await configured(app, batch_interval="50ms")
-            other = await configured(app, batch_interval="50ms", stream="Custom-KubeAudit_CL")
+            other = await configured(app, batch_interval="50ms", stream="Custom-Other_CL")
             data = chunks.REAL_CHUNK_RAW_LOG.read_bytes()
             result = await app.push(pipeline_id, "kube.audit", data)
             emulator = app.emulator.running
@@ -414,3 +416,135 @@ class TestDefaultPipeline:
             assert app.emulator.running is None
         finally:
             await app.aclose()
+
+
+class TestPipelineIdentity:
+    """The spool belongs to the destination: other settings rebuild the pipeline on it."""
+
+    # Delivery never succeeds, so the spool's content stays put.
+    UNREACHABLE: ClassVar[dict[str, str]] = {
+        "endpoint": "https://127.0.0.1:9",
+        "dcr_id": "dcr-" + "c" * 32,
+        "auth": "client_secret",
+        "tenant_id": "t",
+        "client_id": "c",
+        "client_secret": "first",
+        "authority_host": "https://127.0.0.1:9",
+    }
+
+    async def test_a_spool_under_the_earlier_id_is_renamed_and_kept(
+        self, settings: ServerSettings
+    ) -> None:
+        """A spool an earlier version named by a hash of every property is renamed to the new
+        id at the first Configure with those properties, with its rows and dead letters."""
+        legacy = legacy_pipeline_id("auditrelay.0", self.UNREACHABLE)
+        old = Spool(settings.state_dir / "spool" / legacy, limit_bytes=1 << 20)
+        old.append([b'{"row": 1}'])
+        old.close()
+        (settings.state_dir / "deadletter" / legacy).mkdir(parents=True)
+        app = App(settings, drain_seconds=0)
+        try:
+            pipeline_id = await configured(app, **self.UNREACHABLE)
+            sink = app.pipelines[pipeline_id].sink
+            assert isinstance(sink, DeliverySink)
+            assert len(b'{"row": 1}') + 8 == sink.spool.pending_bytes
+        finally:
+            await app.aclose()
+        assert not (settings.state_dir / "spool" / legacy).exists()
+        assert (settings.state_dir / "deadletter" / pipeline_id).is_dir()
+        record = read_record(settings.state_dir / "spool" / pipeline_id)
+        assert record is not None
+        assert pipeline_id == record["pipeline_id"]
+
+    async def test_new_settings_for_the_same_destination_rebuild_on_the_same_spool(
+        self, settings: ServerSettings, tmp_path: Path
+    ) -> None:
+        """A rotated secret keeps the id; the pipeline runs with the new settings on its spool,
+        whose rows are still there; a policy that cannot be used leaves the pipeline as it was."""
+        bad_policy = tmp_path / "policy.yaml"
+        bad_policy.write_text("apiVersion: audit.k8s.io/v1\nkind: NotAPolicy\nrules: []\n")
+        app = App(settings, drain_seconds=0)
+        try:
+            first = await configured(app, **self.UNREACHABLE)
+            before = app.pipelines[first].sink
+            assert isinstance(before, DeliverySink)
+            before.spool.append([b'{"row": 1}'])
+            second = await configured(app, **{**self.UNREACHABLE, "client_secret": "second"})
+            after = app.pipelines[second].sink
+            assert isinstance(after, DeliverySink)
+
+            assert first == second
+            assert after is not before
+            assert "second" == app.pipelines[first].settings.client_secret
+            assert 0 < after.spool.pending_bytes
+            with pytest.raises(ConfigError):
+                await configured(app, **{**self.UNREACHABLE, "policy": str(bad_policy)})
+            assert after is app.pipelines[first].sink
+        finally:
+            await app.aclose()
+
+
+class FlakySink:
+    """An EventSink whose spool is full for the first ``refusals`` appends, then takes events."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals = refusals
+        self.events: list[AuditEvent] = []
+
+    async def append(self, events: Sequence[AuditEvent]) -> None:
+        if self.refusals:
+            self.refusals -= 1
+            raise SpoolFullError("full")
+        self.events.extend(events)
+
+
+def dead_letters(settings: ServerSettings, pipeline_id: str) -> list[dict[str, Any]]:
+    directory = settings.state_dir / "deadletter" / pipeline_id
+    return [x for path in sorted(directory.glob("*.jsonl")) for x in read_letters(path)]
+
+
+class TestDeadLettersOnce:
+    """A chunk answered RETRY_LATER comes back whole; its bad records are set aside once."""
+
+    async def test_a_retried_chunk_writes_its_dead_letters_once(
+        self, make_app: MakeApp, settings: ServerSettings
+    ) -> None:
+        """Two refusals, then the retry is accepted: one dead letter, one copy of each event."""
+        sink = FlakySink(refusals=2)
+        app = make_app(sink_factory=lambda _s, _i: sink)
+        pipeline_id = await configured(app)
+        data = chunk([parsed_event(audit_id="a"), raw_log_event(b"not json")])
+
+        for _ in range(2):
+            with pytest.raises(SpoolFullError):
+                await app.push(pipeline_id, "kube.audit", data)
+        result = await app.push(pipeline_id, "kube.audit", data)
+
+        assert (1, 1) == (result.events_accepted, result.events_invalid)
+        assert ["a"] == [event.fields["auditID"] for event in sink.events]
+        assert [b"not json"] == [payload_of(x) for x in dead_letters(settings, pipeline_id)]
+
+    async def test_a_full_spool_writes_the_dead_letters_once_on_the_accepted_retry(
+        self, settings: ServerSettings
+    ) -> None:
+        """The real DeliverySink with a full spool: the retried chunk's bad record is set
+        aside once, when the chunk is finally stored."""
+        app = App(settings, drain_seconds=0)
+        try:
+            pipeline_id = await configured(
+                app, **TestPipelineIdentity.UNREACHABLE, spool_limit="1k"
+            )
+            sink = app.pipelines[pipeline_id].sink
+            assert isinstance(sink, DeliverySink)
+            await app.push(pipeline_id, "kube.audit", chunk([parsed_event(audit_id="first")]))
+            good = [parsed_event(audit_id=f"e{n}") for n in range(4)]
+            data = chunk([*good, raw_log_event(b"not json")])
+            with pytest.raises(SpoolFullError):
+                await app.push(pipeline_id, "kube.audit", data)
+            sink.spool.acknowledge(sink.spool.write_position)  # as if delivered
+
+            result = await app.push(pipeline_id, "kube.audit", data)
+        finally:
+            await app.aclose()
+        assert (4, 1) == (result.events_accepted, result.events_invalid)
+        assert [b"not json"] == [payload_of(x) for x in dead_letters(settings, pipeline_id)]

@@ -22,6 +22,14 @@ if not (SAMPLES and DEFENDER.is_file()):
     pytest.fail("../shared/data (audit samples, reference policies) not found", pytrace=False)
 
 HEADER = "apiVersion: audit.k8s.io/v1\nkind: Policy\n"
+# What every audit event carries, and serve requires, besides the request's own fields.
+EVENT = {
+    "kind": "Event",
+    "apiVersion": "audit.k8s.io/v1",
+    "auditID": "0d6e4f43-d8a2-4b39-a9c2-3a4f4d0e6b11",
+    "stage": "ResponseComplete",
+    "level": "RequestResponse",
+}
 
 
 def _write(tmp_path: Path, name: str, text: str) -> Path:
@@ -316,9 +324,15 @@ def test_filter_real_logs_writes_kept_events_and_counts(capsys: pytest.CaptureFi
     shipped = [json.loads(line) for line in captured.out.splitlines()]
     summary = json.loads(captured.err.splitlines()[-1])
     lines_in = sum(1 for path in SAMPLES for line in path.read_text().splitlines() if line.strip())
+    set_aside = [line for line in captured.err.splitlines() if "not an audit event" in line]
 
-    assert 0 == code
-    assert (lines_in, len(shipped)) == (summary["eventsIn"], summary["eventsOut"])
+    assert 2 == code  # the Falco traces' events without apiVersion, which serve sets aside
+    assert (lines_in, len(shipped)) == (
+        summary["eventsIn"] + summary["badLines"],
+        summary["eventsOut"],
+    )
+    assert len(set_aside) == summary["badLines"]
+    assert all(event["apiVersion"].startswith("audit.k8s.io/") for event in shipped)
     assert summary["eventsIn"] == summary["eventsOut"] + summary["eventsDropped"]
     assert len(captured.out.encode()) == summary["bytesOut"]
     assert all(event.get("objectRef", {}).get("resource") != "leases" for event in shipped)
@@ -328,7 +342,12 @@ def test_filter_reports_non_json_line_with_its_number(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A line that is not JSON is reported as FILE:LINE; the events around it still go out."""
-    event = {"verb": "create", "user": {"username": "alice"}, "objectRef": {"resource": "pods"}}
+    event = {
+        **EVENT,
+        "verb": "create",
+        "user": {"username": "alice"},
+        "objectRef": {"resource": "pods"},
+    }
     log = _write(tmp_path, "audit.log", f"{json.dumps(event)}\n{{torn\n{json.dumps(event)}\n")
     code = main(["policy", "filter", "--policy", str(BUNDLED), str(log)])
     captured = capsys.readouterr()
@@ -344,13 +363,35 @@ def test_filter_event_without_object_ref(
     """An event without objectRef is decided as a non-resource request, not a crash."""
     _stdin(
         monkeypatch,
-        json.dumps({"verb": "get", "requestURI": "/logs/x", "user": {"username": "a"}}) + "\n",
+        json.dumps({**EVENT, "verb": "get", "requestURI": "/logs/x", "user": {"username": "a"}})
+        + "\n",
     )
     code = main(["policy", "filter", "--policy", str(BUNDLED)])
     captured = capsys.readouterr()
 
     assert (0, "/logs/x") == (code, json.loads(captured.out)["requestURI"])
     assert "out" in captured.err
+
+
+def test_filter_sets_aside_what_serve_sets_aside(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One rule for the preview and for serve: an event without apiVersion (or of another
+    kind, or without auditID) is reported with its reason and not written, exit 2; the event
+    beside it goes out."""
+    good = {**EVENT, "verb": "create", "objectRef": {"resource": "pods"}}
+    no_version = {key: value for key, value in good.items() if key != "apiVersion"}
+    no_id = {key: value for key, value in good.items() if key != "auditID"}
+    lines = [json.dumps(event) for event in (no_version, good, no_id)]
+    log = _write(tmp_path, "audit.log", "\n".join(lines) + "\n")
+
+    code = main(["policy", "filter", "--policy", str(BUNDLED), str(log)])
+
+    captured = capsys.readouterr()
+    assert 2 == code
+    assert [good["auditID"]] == [json.loads(line)["auditID"] for line in captured.out.splitlines()]
+    assert f"{log}:1: not an audit event serve would ship (unsupported_api_version" in captured.err
+    assert f"{log}:3: not an audit event serve would ship (missing_audit_id" in captured.err
 
 
 def test_filter_missing_file_is_bad_input(

@@ -109,13 +109,25 @@ class TestServerSettings:
         )
 
     def test_typed_fields_are_parsed(self) -> None:
-        """Paths, enums and sizes become their types."""
-        settings = serve_args("--tls-cert", "/etc/tls/tls.crt", "--log-format", "json")
+        """Paths, enums, sizes and durations become their types."""
+        settings = serve_args(
+            "--tls-cert", "/etc/tls/tls.crt", "--log-format", "json", "--orphan-after", "2m"
+        )
 
-        assert (Path("/etc/tls/tls.crt"), LogFormat.JSON) == (
+        assert (Path("/etc/tls/tls.crt"), LogFormat.JSON, 120.0) == (
             settings.tls_cert,
             settings.log_format,
+            settings.orphan_after,
         )
+
+    def test_a_bad_duration_names_what_was_expected(self) -> None:
+        """--orphan-after takes a duration."""
+        with pytest.raises(ConfigError) as caught:
+            serve_args("--orphan-after", "soon")
+
+        assert [("--orphan-after", "soon", "a duration such as 500ms, 5s, 2m or 1h")] == [
+            (p.property, p.value, p.expected) for p in caught.value.problems
+        ]
 
     def test_bad_values_name_the_flag_or_variable(self) -> None:
         """A wrong flag or env value names where it came from and what was expected."""

@@ -284,3 +284,20 @@ def test_port_already_in_use_is_a_clear_error(
 
     assert 2 == code
     assert f"--host/--port: got '127.0.0.1:{port}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("action", ["count", "rows", "errors", "requests"])
+def test_query_commands_refuse_a_directory_without_a_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], action: str
+) -> None:
+    """A mistyped --state-dir says there is no store there and exits 2, instead of answering
+    as if an empty emulator were there."""
+    typo = tmp_path / "emulatr"
+
+    assert 2 == main(["emulator", action, "--state-dir", str(typo)])
+
+    captured = capsys.readouterr()
+    assert "" == captured.out
+    assert f"--state-dir: got '{typo}', expected an emulator's state directory" in captured.err
+    assert "no store there" in captured.err
+    assert not typo.exists()

@@ -138,7 +138,7 @@ func (f *Forwarder) Start() error {
 		}
 		remaining := time.Until(deadline)
 		if !startRetryable[status.Code(err)] || remaining <= 0 {
-			return fmt.Errorf("the sidecar at %s did not answer within sidecar_wait %s: %s", f.config.Address, f.config.Wait, describe(err))
+			return fmt.Errorf("the sidecar at %s did not answer within sidecar_wait %s: %s", f.config.Address, f.config.Wait, f.describe(err))
 		}
 		time.Sleep(min(startPause, remaining))
 	}
@@ -155,7 +155,7 @@ func (f *Forwarder) Flush(tag string, chunk []byte) Code {
 	if status.Code(err) == codes.NotFound {
 		fresh, configureErr := f.reconfigure(ctx, pipeline)
 		if configureErr != nil {
-			f.log.warn("chunk retried: tag=%s bytes=%d: the sidecar lost pipeline %s and configuring it again failed: %s", tag, len(chunk), pipeline, describe(configureErr))
+			f.log.warn("chunk retried: tag=%s bytes=%d: the sidecar lost pipeline %s and configuring it again failed: %s", tag, len(chunk), pipeline, f.describe(configureErr))
 			return Retry
 		}
 		reply, err = f.push(ctx, fresh, tag, chunk)
@@ -200,9 +200,9 @@ func (f *Forwarder) logFlush(tag string, size int, reply *relaypb.PushResponse, 
 		f.log.debug("chunk accepted: tag=%s bytes=%d events=%d accepted=%d filtered=%d invalid=%d", tag, size,
 			reply.GetEventsReceived(), reply.GetEventsAccepted(), reply.GetEventsFiltered(), reply.GetEventsInvalid())
 	case Retry:
-		f.log.warn("chunk retried: tag=%s bytes=%d: %s", tag, size, reason(reply, err))
+		f.log.warn("chunk retried: tag=%s bytes=%d: %s%s", tag, size, reason(reply, err), tlsHint(f.config.TLS, err))
 	default:
-		f.log.error("chunk rejected: tag=%s bytes=%d: %s", tag, size, reason(reply, err))
+		f.log.error("chunk rejected: tag=%s bytes=%d: %s%s", tag, size, reason(reply, err), tlsHint(f.config.TLS, err))
 	}
 }
 
@@ -215,6 +215,12 @@ func reason(reply *relaypb.PushResponse, err error) string {
 		return fmt.Sprintf("%s: %s", reply.GetStatus(), reply.GetMessage())
 	}
 	return reply.GetStatus().String()
+}
+
+// describe renders an error of a gRPC call as "CODE: message", with why a TLS connection
+// was most likely closed when that is the cause.
+func (f *Forwarder) describe(err error) string {
+	return describe(err) + tlsHint(f.config.TLS, err)
 }
 
 // describe renders an error of a gRPC call as "CODE: message".

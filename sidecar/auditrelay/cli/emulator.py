@@ -221,7 +221,11 @@ async def _serve_until_stopped(settings: EmulatorSettings) -> None:
 
 
 def _store(args: argparse.Namespace) -> Store:
-    return Store.in_directory(args.state_dir)
+    store = Store.in_directory(args.state_dir)
+    if not store.path.is_file():
+        expected = f"an emulator's state directory, holding {store.path.name} (no store there)"
+        raise ConfigError([PropertyProblem("--state-dir", str(args.state_dir), expected)])
+    return store
 
 
 def _count(args: argparse.Namespace) -> int:

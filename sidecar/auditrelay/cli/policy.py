@@ -22,6 +22,7 @@ import orjson
 import yaml
 
 from auditrelay.config import BUNDLED_POLICY
+from auditrelay.decode import audit_problem
 from auditrelay.filter import PolicyFilter
 from auditrelay.model import AuditEvent
 from auditrelay.policy import (
@@ -35,6 +36,7 @@ from auditrelay.policy import (
     compile_policy,
     load_policy,
 )
+from auditrelay.replay import REASON_TEXT
 
 EXIT_OK: Final = 0
 EXIT_MISSING: Final = 1
@@ -630,6 +632,14 @@ def filter_lines(
                 totals.bad_lines += 1
                 errors.write(f"auditrelay policy filter: {name}:{number}: not a JSON object\n")
                 continue
+            problem = audit_problem(fields)
+            if problem is not None:  # serve sets it aside as a dead letter: never shipped
+                totals.bad_lines += 1
+                errors.write(
+                    f"auditrelay policy filter: {name}:{number}: not an audit event serve would "
+                    f"ship ({problem}: {REASON_TEXT.get(problem, problem)}); serve sets it aside\n"
+                )
+                continue
             totals.events_in += 1
             totals.bytes_in += len(raw) + 1
             kept = event_filter.apply(AuditEvent(fields=fields, raw=raw))
@@ -693,7 +703,7 @@ def _print_filter_table(totals: FilterTotals) -> None:
         ("dropped", str(totals.dropped), ""),
     ]
     if totals.bad_lines:
-        rows.append(("not JSON", str(totals.bad_lines), ""))
+        rows.append(("set aside", str(totals.bad_lines), ""))
     _print_table(rows, sys.stderr)
 
 

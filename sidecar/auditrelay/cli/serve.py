@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from auditrelay.app import serve
-from auditrelay.config import ServerSettings, parse_size
+from auditrelay.config import ServerSettings, parse_duration, parse_size
 from auditrelay.errors import ConfigError, PropertyProblem
 from auditrelay.logs import configure_logging
 from auditrelay.malloc import limit_arenas
@@ -42,6 +42,8 @@ def _parser_for(annotation: Any) -> tuple[Callable[[str], Any], str]:
         return annotation, "one of: " + ", ".join(choices)
     if annotation is int:
         return parse_size, "a size in bytes such as 1048576, 512k or 64M"
+    if annotation is float:
+        return parse_duration, "a duration such as 500ms, 5s, 2m or 1h"
     if annotation is Path:
         return Path, "a path"
     return str, "text"
