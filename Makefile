@@ -62,7 +62,42 @@ controlplane-test: controlplane ## Tests against a real kube-apiserver, controll
 	$(PYTHON) -m pytest -m controlplane tests/controlplane
 
 .PHONY: check
-check: lint test controlplane-test ## The whole gate: what CI runs
+check: lint test fuzz-smoke controlplane-test ## The whole gate: what CI runs
+
+SOAK_EVENTS ?= 1000000
+SOAK_ARGS ?=
+
+.PHONY: soak
+soak: $(PLUGIN) controlplane ## Chaos soak: SOAK_EVENTS events of the real control plane's mix under faults (needs root: tmpfs)
+	nice -n 10 $(PYTHON) tests/soak/run.py --events $(SOAK_EVENTS) $(SOAK_ARGS)
+
+.PHONY: soak-ci
+soak-ci: ## The chaos soak at CI size (30,000 events, every fault kind once, under 3 minutes)
+	$(MAKE) --no-print-directory soak SOAK_EVENTS=30000 \
+	  SOAK_ARGS="--fault-seconds 3 --outage-seconds 6 --spool-limit 512K --drain-seconds 100 --max-seconds 175"
+
+FUZZ_RUNS ?= 1000000
+FUZZ_SECONDS ?= 0
+PY_FUZZ_TARGETS := decode filter policy config emulator
+GO_FUZZ_TARGETS := FuzzFlush FuzzParseConfig
+
+.PHONY: fuzz
+fuzz: ## Fuzz every parser, one target at a time, FUZZ_RUNS inputs each (FUZZ_SECONDS: time limit per target)
+	@mkdir -p tests/fuzz/.work
+	@for target in $(PY_FUZZ_TARGETS); do \
+	  nice -n 10 $(PYTHON) tests/fuzz/run.py $$target --runs $(FUZZ_RUNS) --max-seconds $(FUZZ_SECONDS) 2>tests/fuzz/.work/$$target.log || exit 1; \
+	done
+	$(MAKE) --no-print-directory fuzz-go
+
+.PHONY: fuzz-go
+fuzz-go: ## Fuzz the plugin's Push and Configure handling (go test -fuzz), FUZZ_RUNS inputs each
+	@for target in $(GO_FUZZ_TARGETS); do \
+	  (cd fluent-bit && nice -n 10 $(GO) test ./internal/plugin -run '^$$' -fuzz "^$$target\$$" -fuzztime $(FUZZ_RUNS)x -timeout 0) || exit 1; \
+	done
+
+.PHONY: fuzz-smoke
+fuzz-smoke: ## A short fuzz of the plugin's targets (pytest runs the Python targets' smoke)
+	$(MAKE) --no-print-directory fuzz-go FUZZ_RUNS=3000
 
 .PHONY: demo
 demo: $(PLUGIN) ## Run the main job on the embedded default: emulator + sidecar + plugin, real audit log

@@ -67,6 +67,7 @@ class Reason:
     WRONG_FIELD_TYPE: Final = "wrong_field_type"  # a field the policy reads is not text
     TRUNCATED_MSGPACK: Final = "truncated_msgpack"  # the chunk ends inside an event
     MALFORMED_MSGPACK: Final = "malformed_msgpack"  # invalid bytes after good events
+    UNHASHABLE_MAP_KEY: Final = "unhashable_map_key"  # a map key is a map: no dict can hold it
     NOT_MSGPACK: Final = "not_msgpack"  # the whole chunk (see DecodeError)
 
     ALL: Final = (
@@ -86,6 +87,7 @@ class Reason:
         WRONG_FIELD_TYPE,
         TRUNCATED_MSGPACK,
         MALFORMED_MSGPACK,
+        UNHASHABLE_MAP_KEY,
         NOT_MSGPACK,
     )
 
@@ -272,13 +274,12 @@ class ChunkStream:
     def _carefully(self, event_bytes: bytes) -> AuditEvent | None:
         """The event in ``event_bytes`` by the careful way; None when it is set aside or is a
         group marker."""
-        careful = False
         try:
-            item = _unpack(event_bytes, "strict")
-        except UnicodeDecodeError:
-            # surrogateescape keeps the record readable past bad bytes; it is then set aside.
-            item = _unpack(event_bytes, "surrogateescape")
-            careful = True
+            item, careful = _unpack_carefully(event_bytes)
+        except TypeError:  # msgpack could not use a map as a dict key
+            self.records_seen += 1
+            self._letter(Reason.UNHASHABLE_MAP_KEY, None, event_bytes)
+            return None
         except (msgpack.UnpackException, ValueError):
             self.records_seen += 1
             self._letter(Reason.MALFORMED_MSGPACK, None, event_bytes)
@@ -297,6 +298,15 @@ class ChunkStream:
             return None
         assert isinstance(result, AuditEvent)
         return result
+
+
+def _unpack_carefully(event_bytes: bytes) -> tuple[Any, bool]:
+    """The event unpacked, and whether its text needed surrogate escapes (non-UTF-8 bytes,
+    which keep the record readable until it is set aside)."""
+    try:
+        return _unpack(event_bytes, "strict"), False
+    except UnicodeDecodeError:
+        return _unpack(event_bytes, "surrogateescape"), True
 
 
 def _unpack(event_bytes: bytes, unicode_errors: str) -> Any:
@@ -330,7 +340,8 @@ def _event_problem(item: Any) -> str | None:
         header = header[0]
     header_type = type(header)
     if header_type is int:  # integer seconds, or EventTime (see _event_time_seconds)
-        if GROUP_END_SECONDS <= header <= GROUP_START_SECONDS:
+        # A marker's body is a map; anything else there is skipped only with a letter.
+        if GROUP_END_SECONDS <= header <= GROUP_START_SECONDS and type(item[1]) is dict:
             return _GROUP_MARKER
     elif header_type is not float:
         return Reason.BAD_TIMESTAMP

@@ -243,7 +243,11 @@ def load_policy(path: Path | str) -> Policy:
 
 def parse_policy(text: str | bytes, source: str = "<policy>") -> Policy:
     """Decodes and validates a policy document the way kube-apiserver's loader does."""
-    loader = _UniqueKeyLoader(text)
+    try:
+        # The reader checks the first characters (encoding, printable) when it is made.
+        loader = _UniqueKeyLoader(text)
+    except yaml.YAMLError as error:
+        raise PolicyError(f"{source}: not valid YAML: {_one_line(error)}") from error
     try:
         # Like kube-apiserver's YAML reader, only the first document of a stream counts.
         has_document: bool = loader.check_data()  # type: ignore[no-untyped-call]

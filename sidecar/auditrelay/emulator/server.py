@@ -440,6 +440,12 @@ class Emulator:
         """
         self.tokens.revoke_all()
 
+    def jump_token_clock(self, seconds: float) -> None:
+        """Sets the token authority's clock ``seconds`` ahead of the real one (behind when
+        negative; 0 puts it right): the tokens it issues meanwhile are refused as not yet valid
+        or expired, until a client fetches one after the clock is right again."""
+        self.tokens.clock_offset = seconds
+
     async def wait_until(self, predicate: Callable[[], bool], within: float) -> None:
         """Returns once ``predicate()`` holds, checked after every request.
 

@@ -113,6 +113,9 @@ class TokenIssuer:
         self._lock = threading.Lock()
         self._generation = 0
         self._revoked_below = 0
+        # Seconds the token authority's clock is ahead of (or, negative, behind) the real one:
+        # tokens issued meanwhile are not yet valid, or already expired, where they are checked.
+        self.clock_offset = 0.0
 
     def revoke_all(self) -> None:
         """Every token issued before this call is refused from now on."""
@@ -131,7 +134,7 @@ class TokenIssuer:
     ) -> tuple[str, int]:
         """A signed access token and its lifetime in whole seconds."""
         seconds = int(self.lifetime if lifetime is None else lifetime)
-        now = int(time.time())
+        now = int(time.time() + self.clock_offset)
         with self._lock:
             generation = self._generation
         claims = {
