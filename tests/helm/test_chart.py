@@ -345,8 +345,9 @@ def test_least_privilege_security_contexts(render: Render, ci_values: Path) -> N
 
 
 def test_no_rbac_and_no_api_token(render: Render, ci_values: Path) -> None:
-    """The pods call no Kubernetes API: no Role or binding is rendered and no API token is mounted."""
-    rendered = render(ci_values)
+    """The pods call no Kubernetes API: no Role or binding is rendered and no API token is
+    mounted (the audit-logging setup's own RBAC is tested in test_chart_audit_setup.py)."""
+    rendered = render(ci_values, set_values={"auditSetup.enabled": "false"})
     for kind in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"):
         assert [] == rendered.all(kind)
     assert rendered.pod["automountServiceAccountToken"] is False
