@@ -83,6 +83,7 @@ class EmbeddedEmulator:
             endpoint=info.endpoint,
             store=str(info.database),
             note="no endpoint is set: rows go to the bundled local emulator, not to Azure",
+            ignored=settings.ignored_by_emulator,
         )
         return DeliverySink(
             settings,
