@@ -54,6 +54,14 @@ helm-tools: ## Build helm (pinned) and kubecheck for the chart tests (cached in 
 helm-test: $(PLUGIN) helm-tools ## Chart tests: lint and render every ci/ values file, strict decoding, schema current
 	$(PYTHON) -m pytest tests/helm
 
+.PHONY: test-fluent-bit fluent-bit-given
+fluent-bit-given:
+	@test -n "$(FLUENT_BIT)" || { echo "test-fluent-bit: set FLUENT_BIT=/path/to/fluent-bit (see docs/plugin.md)"; exit 2; }
+	@test -x "$(FLUENT_BIT)" || { echo "test-fluent-bit: FLUENT_BIT=$(FLUENT_BIT) is not an executable file"; exit 2; }
+
+test-fluent-bit: fluent-bit-given $(PLUGIN) helm-tools ## Every test that runs a real Fluent Bit: make test-fluent-bit FLUENT_BIT=/path/to/fluent-bit
+	FLUENT_BIT="$(abspath $(FLUENT_BIT))" $(PYTHON) -m pytest -m fluent_bit tests/integration tests/helm
+
 .PHONY: controlplane
 controlplane: ## Build the test control plane (kube-apiserver & co. from the pinned release; cached)
 	$(PYTHON) tests/controlplane/build.py

@@ -70,9 +70,15 @@ def python_env() -> dict[str, str]:
 
 @contextlib.contextmanager
 def emulator(
-    state_dir: Path, cpu: int | None = 0, store: str = "ids", timeout: float = 60.0, port: int = 0
+    state_dir: Path,
+    cpu: int | None = 0,
+    store: str = "ids",
+    timeout: float = 60.0,
+    port: int = 0,
+    limits: str = "wire",
 ) -> Iterator[RunningEmulator]:
-    """Starts ``auditrelay emulator serve`` without its throughput limits, waits for ready."""
+    """Starts ``auditrelay emulator serve`` without its throughput limits, waits for ready;
+    ``limits`` is its reading of the 1 MiB limit (``--limits``: wire or uncompressed)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     command = pinned(
         [
@@ -82,6 +88,7 @@ def emulator(
             "--port", str(port),
             "--requests-per-minute", "100000000",
             "--bytes-per-minute", "1000G",
+            "--limits", limits,
         ],
         cpu,
     )  # fmt: skip

@@ -43,7 +43,12 @@ class PipelineRun:
     retry_later: int = 0
     uncompressed_bytes: int = 0
     compressed_bytes: int = 0
+    sent_bytes: int = 0  # every request's body, the refused and retried ones included
+    accepted_wire_bytes: int = 0  # the bodies the emulator answered 204, as it received them
+    accepted_raw_bytes: int = 0  # the same bodies decompressed
     requests: int = 0
+    refused_too_large: int = 0  # 413 answers
+    raw_limit_bytes: int = 0  # the pipeline's uncompressed bound at the end
     accept: Stopwatch = dataclasses.field(default_factory=Stopwatch)
     total: Stopwatch = dataclasses.field(default_factory=Stopwatch)
     peak_rss_bytes: int = 0
@@ -133,10 +138,13 @@ class Sidecar:
         value = self.value
         run.uncompressed_bytes = int(value("auditrelay_uncompressed_bytes_total"))
         run.compressed_bytes = int(value("auditrelay_compressed_bytes_total"))
+        run.sent_bytes = int(value("auditrelay_sent_bytes_total"))
         run.requests = int(
             value("auditrelay_requests_total", status="204")
             + value("auditrelay_requests_total", status="200")
         )
+        run.refused_too_large = int(value("auditrelay_requests_total", status="413"))
+        run.raw_limit_bytes = int(value("auditrelay_request_raw_bytes_limit"))
 
     async def aclose(self) -> None:
         await self.app.aclose()
@@ -194,6 +202,13 @@ async def run_corpus(
         await sidecar.aclose()
     run.peak_rss_bytes = peak_rss_bytes()
     return run
+
+
+def count_accepted(run: PipelineRun, emulator: RunningEmulator) -> None:
+    """The wire and uncompressed bytes of the requests the emulator accepted."""
+    accepted = [request for request in emulator.store().requests() if request.status == 204]
+    run.accepted_wire_bytes = sum(request.wire_bytes for request in accepted)
+    run.accepted_raw_bytes = sum(request.raw_bytes for request in accepted)
 
 
 def quantile(values: Sequence[float], fraction: float) -> float:

@@ -23,7 +23,7 @@ def latest(directory: Path, benchmark: str, *words: str) -> dict[str, Any] | Non
 
 def _excluded(command: list[str], words: Iterable[str]) -> bool:
     """A plain run must not be one with checking, profiling or malloc tuning on."""
-    extras = {"--check", "--profile", "--sdk", "--property"} - set(words)
+    extras = {"--check", "--profile", "--sdk", "--property", "--limits"} - set(words)
     tuned = any(word.startswith("MALLOC_") for word in command) and not any(
         word.startswith("MALLOC_") for word in words
     )

@@ -170,6 +170,12 @@ def pipeline_options(parser: argparse.ArgumentParser) -> None:
 def pipeline_command_options(parser: argparse.ArgumentParser) -> None:
     pipeline_options(parser)
     parser.add_argument("--repeat", type=int, default=1, help="runs; the median is reported")
+    parser.add_argument(
+        "--limits", choices=["wire", "uncompressed", "both"], default="wire",
+        help="the emulator's reading of the 1 MiB limit (emulator serve --limits); under "
+        "uncompressed the pipeline learns it from one 413 and sends bodies under 1 MiB "
+        "uncompressed; both: each repetition under each reading, back to back, compared",
+    )  # fmt: skip
 
 
 @command(
@@ -182,40 +188,106 @@ def run_pipeline(args: argparse.Namespace, result: Result) -> None:
 
     paths, manifest = built_corpus(args)
     chunk_file = paths.raw_chunks if args.shape == "raw" else paths.parsed_chunks
+    readings = ["wire", "uncompressed"] if args.limits == "both" else [args.limits]
     expected = None
-    runs = []
+    runs: dict[str, list[tuple[Any, int]]] = {reading: [] for reading in readings}
     with work_dir(args.work) as work:
         for repetition in range(args.repeat):
-            place = work / f"run-{repetition}"
-            last = repetition == args.repeat - 1
-            with emulator_process(args, place, full=args.check) as emu:
-                with profiling(args.profile and repetition == 0, place, result, args.emulator_cpu):
-                    run = asyncio.run(
-                        pipeline.run_corpus(
-                            corpus.read_chunks(chunk_file),
-                            emu,
-                            place / "sidecar",
-                            properties=dict(args.property),
+            for reading in readings:
+                place = work / f"run-{repetition}-{reading}"
+                last = repetition == args.repeat - 1 and reading == readings[-1]
+                profile = args.profile and repetition == 0 and reading == readings[0]
+                with emulator_process(args, place, full=args.check, limits=reading) as emu:
+                    with profiling(profile, place, result, args.emulator_cpu):
+                        run = asyncio.run(
+                            pipeline.run_corpus(
+                                corpus.read_chunks(chunk_file),
+                                emu,
+                                place / "sidecar",
+                                properties=dict(args.property),
+                            )
                         )
-                    )
-                runs.append((run, emu.count()))
-                if last and (args.check or args.sdk):
-                    # Only after every run: holding the expected rows would raise the runs'
-                    # peak RSS (ru_maxrss is the process's peak so far).
-                    from bench.expected import expected_rows
+                    pipeline.count_accepted(run, emu)
+                    runs[reading].append((run, emu.count()))
+                    if last and (args.check or args.sdk):
+                        # Only after every run: holding the expected rows would raise the runs'
+                        # peak RSS (ru_maxrss is the process's peak so far).
+                        from bench.expected import expected_rows
 
-                    expected = expected_rows(corpus.iter_lines(paths.jsonl))
-                if last and expected is not None and args.check:
-                    report_check(result, expected, emu)
-    runs.sort(key=lambda pair: pair[0].events_per_s)
-    run, stored = runs[len(runs) // 2]
+                        expected = expected_rows(corpus.iter_lines(paths.jsonl))
+                    if last and expected is not None and args.check:
+                        report_check(result, expected, emu)
+    medians = {reading: median_run(found) for reading, found in runs.items()}
+    run, stored = medians[readings[0]]
     result.details["run"] = pipeline.summary(run)
-    result.details["repetitions"] = [
-        {"events_per_s": r.events_per_s, "events_per_cpu_s": r.events_per_cpu_s} for r, _ in runs
-    ]
-    report_pipeline(result, run, stored, manifest, len(runs))
+    result.details["repetitions"] = {
+        reading: [
+            {"events_per_s": r.events_per_s, "events_per_cpu_s": r.events_per_cpu_s}
+            for r, _ in found
+        ]
+        for reading, found in runs.items()
+    }
+    report_pipeline(result, run, stored, manifest, args.repeat)
+    if len(readings) > 1:
+        report_readings(result, medians, args.repeat)
     if expected is not None and args.sdk:
         report_sdk_upload(args, result, expected, run)
+
+
+def median_run(runs: list[tuple[Any, int]]) -> tuple[Any, int]:
+    """The run with the median throughput, and what the emulator stored in it."""
+    ordered = sorted(runs, key=lambda pair: pair[0].events_per_s)
+    return ordered[len(ordered) // 2]
+
+
+def report_readings(result: Result, medians: dict[str, tuple[Any, int]], repetitions: int) -> None:
+    """Today's bodies (wire reading) against 1 MiB uncompressed ones, figure by figure."""
+    runs = {reading: run for reading, (run, _) in medians.items()}
+    result.details["readings"] = {reading: pipeline_summary(run) for reading, run in runs.items()}
+    median = f"median of {repetitions} runs" if repetitions > 1 else "one run"
+    for reading, (run, stored) in medians.items():
+        label = f"[{reading}]"
+        result.add(
+            f"{label} kept / delivered / stored", run.events_kept, "events",
+            note=f"delivered {run.events_delivered}, stored by the emulator {stored}",
+        )  # fmt: skip
+        result.add(f"{label} throughput", run.events_per_s, "events/s", note=median)
+        result.add(
+            f"{label} sidecar CPU per input event", 1e6 / run.events_per_cpu_s, "µs",
+            note="process CPU time, all threads",
+        )  # fmt: skip
+        result.add(f"{label} requests accepted", run.requests, "requests")
+        result.add(f"{label} requests refused 413", run.refused_too_large, "requests")
+        result.add(f"{label} requests per second", run.requests / run.total.wall, "requests/s")
+        result.add(f"{label} gzip bytes on the wire", run.sent_bytes / 1e6, "MB",
+                   note="every request sent, the refused ones included")  # fmt: skip
+        result.add(f"{label} gzip bytes per kept event", run.sent_bytes / run.events_kept, "B",
+                   note="sent, the refused request included")  # fmt: skip
+        result.add(f"{label} accepted gzip bytes per kept event",
+                   run.accepted_wire_bytes / run.events_kept, "B")  # fmt: skip
+        result.add(f"{label} accepted uncompressed bytes per kept event",
+                   run.accepted_raw_bytes / run.events_kept, "B")  # fmt: skip
+        result.add(f"{label} uncompressed bytes per request",
+                   run.accepted_raw_bytes / max(1, run.requests) / 1e6, "MB")  # fmt: skip
+        result.add(f"{label} kept events per request", run.events_kept / run.requests, "events")
+        result.add(f"{label} uncompressed bound at the end", run.raw_limit_bytes, "bytes")
+    wire, capped = runs.get("wire"), runs.get("uncompressed")
+    if wire is not None and capped is not None:
+        result.add("uncompressed / wire: throughput", capped.events_per_s / wire.events_per_s, "x")
+        result.add(
+            "uncompressed / wire: CPU per event", wire.events_per_cpu_s / capped.events_per_cpu_s,
+            "x",
+        )  # fmt: skip
+        result.add("uncompressed / wire: requests", capped.requests / wire.requests, "x")
+        result.add(
+            "uncompressed / wire: bytes on the wire", capped.sent_bytes / wire.sent_bytes, "x"
+        )
+
+
+def pipeline_summary(run: Any) -> dict[str, Any]:
+    from bench import pipeline
+
+    return pipeline.summary(run)
 
 
 def report_pipeline(
@@ -579,6 +651,78 @@ def run_e2e_backlog(args: argparse.Namespace, result: Result) -> None:
     result.add("drain time", run.drain_s, "s", note=f"{flushed.stored_rows} of {kept} rows stored")
 
 
+def executable(text: str) -> Path:
+    """A path to an executable file (a Fluent Bit binary)."""
+    path = Path(text)
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise argparse.ArgumentTypeError(f"{text}: not an executable file")
+    return path
+
+
+def fluent_bit_options(parser: argparse.ArgumentParser) -> None:
+    corpus_options(parser)
+    parser.add_argument(
+        "--fluent-bit", type=executable, action="append", required=True, metavar="PATH",
+        help="a Fluent Bit binary (repeat for several versions); none is installed by the project",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sidecar-cpu", type=cpu_or_none, default=1, help="CPU of the sidecar ('any': unpinned)"
+    )
+    parser.add_argument(
+        "--emulator-cpu", type=cpu_or_none, default=0, help="CPU of the emulator ('any': unpinned)"
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="runs; the median is reported")
+
+
+@command(
+    "fluent-bit",
+    "a real Fluent Bit: tail -> null, then tail -> auditrelay -> serve -> emulator",
+    fluent_bit_options,
+)
+def run_fluent_bit(args: argparse.Namespace, result: Result) -> None:
+    from auditrelay.flbproxy import build_plugin
+
+    from bench import fluentbit
+    from bench.expected import expected_rows
+
+    paths, _ = built_corpus(args)
+    expected = expected_rows(corpus.iter_lines(paths.jsonl))
+    plugin = build_plugin()
+    for binary in args.fluent_bit:
+        name = fluentbit.version(binary)
+        result.details.setdefault("fluent_bit", {})[str(binary)] = name
+        nulls: list[fluentbit.FluentBitRun] = []
+        relays: list[fluentbit.FluentBitRun] = []
+        for _ in range(args.repeat):
+            with tempfile.TemporaryDirectory(prefix="ar-flb-") as short:
+                work = Path(short)
+                nulls.append(fluentbit.run_null(binary, paths.jsonl, expected.events, work, 900.0))
+                with emulator_process(args, work, full=False) as emu:
+                    relays.append(
+                        fluentbit.run_auditrelay(
+                            binary, paths.jsonl, (expected.events, len(expected.rows)), emu,
+                            plugin, work, args.sidecar_cpu, 900.0,
+                        )
+                    )  # fmt: skip
+        null, relay = fluentbit.median_run(nulls), fluentbit.median_run(relays)
+        result.details.setdefault("runs", []).extend(
+            dataclasses.asdict(run) | {"binary": str(binary)} for run in nulls + relays
+        )
+        result.add(f"{name}: tail -> null", null.events_per_second, "events/s",
+                   note=f"Fluent Bit {null.fluent_bit_cpu_s:.1f} CPU-s, "
+                   f"{null.fluent_bit_peak_rss / 2**20:.0f} MiB peak RSS")  # fmt: skip
+        result.add(f"{name}: tail -> auditrelay", relay.events_per_second, "events/s",
+                   note=f"Fluent Bit {relay.fluent_bit_cpu_s:.1f} CPU-s, "
+                   f"{relay.fluent_bit_peak_rss / 2**20:.0f} MiB peak RSS")  # fmt: skip
+        result.add(f"{name}: auditrelay / null", relay.events_per_second / null.events_per_second,
+                   "x", goal=">= 0.9", note=f"median of {args.repeat}, same file, same run")  # fmt: skip
+        result.add(f"{name}: sidecar CPU per event", relay.sidecar_cpu_s / relay.events * 1e6,
+                   "µs", note=f"peak RSS {relay.sidecar_peak_rss / 2**20:.0f} MiB")  # fmt: skip
+        result.add(f"{name}: emulator CPU", relay.emulator_cpu_s, "s")
+        result.add(f"{name}: rows stored / kept", relay.stored_rows, "rows",
+                   note=f"kept by the policy: {relay.expected_rows}")  # fmt: skip
+
+
 def suite_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--events", type=int, default=100_000, help="stages, cost, latency")
     parser.add_argument(
@@ -587,6 +731,10 @@ def suite_options(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--backlog-events", type=int, default=1_000_000, help="backlog corpus")
     parser.add_argument("--skip", nargs="*", default=[], help="benchmarks to leave out")
+    parser.add_argument(
+        "--fluent-bit", type=executable, action="append", default=[], metavar="PATH",
+        help="also run `fluent-bit` with these binaries (the suite skips it without one)",
+    )  # fmt: skip
 
 
 # (benchmark, corpus size: small | large | backlog, arguments, environment)
@@ -631,6 +779,14 @@ def run_all(args: argparse.Namespace, result: Result) -> None:
             completed.returncode,
             "exit code",
         )
+    if args.fluent_bit and "fluent-bit" not in args.skip:
+        argv = [sys.executable, "-m", "bench", "--results", str(args.results), "fluent-bit",
+                "--events", str(args.throughput_events)]  # fmt: skip
+        for binary in args.fluent_bit:
+            argv += ["--fluent-bit", str(binary)]
+        print("$", " ".join(argv[1:]), flush=True)
+        completed = subprocess.run(argv, check=False)
+        result.add(f"fluent-bit {args.throughput_events}", completed.returncode, "exit code")
 
 
 def report_options(parser: argparse.ArgumentParser) -> None:
@@ -667,11 +823,14 @@ def work_dir(path: Path | None) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def emulator_process(args: argparse.Namespace, work: Path, full: bool) -> Iterator[Any]:
+def emulator_process(
+    args: argparse.Namespace, work: Path, full: bool, limits: str = "wire"
+) -> Iterator[Any]:
     from bench.emulator import emulator
 
     name = "emulator-full" if full else "emulator"
-    with emulator(work / name, cpu=args.emulator_cpu, store="full" if full else "ids") as emu:
+    store = "full" if full else "ids"
+    with emulator(work / name, cpu=args.emulator_cpu, store=store, limits=limits) as emu:
         yield emu
 
 

@@ -4,7 +4,9 @@ Rows arrive already serialized (``stream``); here they are only concatenated, ``
 row ... ``]``, never parsed or serialized again. The Logs Ingestion API refuses a call whose body
 on the wire exceeds 1,048,576 bytes (413), so a body is compressed first and checked after: the
 builder aims at an uncompressed size from the compression ratio it has seen so far, and a body
-that still comes out too large is split in two and compressed again.
+that still comes out too large is split in two and compressed again. A body is also bounded by
+its uncompressed size, ``max_raw_bytes``: the pipeline's ``max_request_raw_bytes``, lowered to
+1 MiB when the service turns out to count uncompressed bytes (``request_limits.RequestLimits``).
 
 ``compression_level`` picks the codec. 1-3 use ISA-L (``isal``, gzip-compatible) at its levels
 1-3: on the real audit samples about 0.5 million rows/s of CPU at a ratio of ~12. 4-9 use zlib
@@ -41,6 +43,11 @@ ISAL_LEVELS: Final = range(1, 4)  # compression levels served by ISA-L; the othe
 def codec_for(compression_level: int) -> Codec:
     """The codec a 1-9 compression level uses."""
     return "isal" if compression_level in ISAL_LEVELS and isal_zlib is not None else "zlib"
+
+
+def raw_size(rows: Sequence[bytes]) -> int:
+    """The uncompressed bytes of the JSON array of ``rows``."""
+    return sum(map(len, rows)) + len(rows) + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,22 +94,22 @@ class BatchBuilder:
         return b"".join(parts)
 
     def pack(self, rows: Sequence[bytes]) -> list[Body]:
-        """Bodies for ``rows`` in order, each under the limit (a single row is sent as it is)."""
+        """Bodies for ``rows`` in order, each under the limits (a single row is sent as it is)."""
         bodies: list[Body] = []
         start = 0
-        size = 0
+        size = 1  # the body's uncompressed bytes: "[", then each row and its "," or "]"
         target = self.target_raw_bytes
         for index, row in enumerate(rows):
-            if size and size + len(row) + 1 > target:
+            if index > start and size + len(row) + 1 > target:
                 bodies += self._compress_fitting(rows[start:index])
-                start, size, target = index, 0, self.target_raw_bytes
+                start, size, target = index, 1, self.target_raw_bytes
             size += len(row) + 1
         if start < len(rows):
             bodies += self._compress_fitting(rows[start:])
         return bodies
 
     def _compress_fitting(self, rows: Sequence[bytes]) -> list[Body]:
-        raw_bytes = sum(len(row) for row in rows) + len(rows) + 1
+        raw_bytes = raw_size(rows)
         data = self.compress(rows)
         self._learn(raw_bytes, len(data))
         if (len(data) <= self.max_body_bytes and raw_bytes <= self.max_raw_bytes) or len(rows) == 1:
@@ -111,7 +118,11 @@ class BatchBuilder:
         return self._compress_fitting(rows[:middle]) + self._compress_fitting(rows[middle:])
 
     def split(self, rows: Sequence[bytes]) -> list[Body]:
-        """Bodies for the two halves of ``rows`` (after a 413, or to isolate a refused row)."""
+        """Bodies for the two halves of ``rows`` (after a 413, or to isolate a refused row);
+        rows over ``max_raw_bytes`` (packed before it was lowered) are packed again instead,
+        into as few bodies as the bound allows."""
+        if raw_size(rows) > self.max_raw_bytes:
+            return self.pack(rows)
         middle = len(rows) // 2
         return self._compress_fitting(rows[:middle]) + self._compress_fitting(rows[middle:])
 

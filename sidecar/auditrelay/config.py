@@ -143,6 +143,27 @@ def _positive(parse: Callable[[str], Any], what: str) -> Callable[[str], Any]:
     return parse_positive
 
 
+def _size_range(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        expected = f"a size from {_size_text(low)} to {_size_text(high)}, such as 1M"
+        try:
+            value = parse_size(text)
+        except ValueError:
+            raise ValueError(expected) from None
+        if not low <= value <= high:
+            raise ValueError(expected)
+        return value
+
+    return parse
+
+
+def _size_text(size: int) -> str:
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
+
+
 def parse_https_url(text: str) -> str:
     """An https URL with a host, returned without a trailing slash."""
     parts = urlsplit(text.strip())
@@ -235,13 +256,15 @@ PROPERTIES: tuple[Property, ...] = (
              "30s", _positive(parse_duration, "duration")),
     # The pipeline's: where the events go.
     Property("endpoint", Owner.PIPELINE,
-             "Logs ingestion endpoint of the DCR or its DCE. Unset: the bundled local emulator.",
+             "Logs ingestion endpoint of the DCR or its DCE. Unset: the bundled local emulator, "
+             "and the other Azure properties are ignored.",
              None, parse_https_url, destination=True),
     Property("endpoint_ca", Owner.PIPELINE,
              "Extra CA bundle to trust for the endpoint (the emulator's CA, a TLS-inspecting proxy).",
              None, parse_readable_file),
     Property("dcr_id", Owner.PIPELINE,
-             "Immutable id of the data collection rule (dcr-...). Required with endpoint.",
+             "Immutable id of the data collection rule (dcr-...). Required with endpoint; "
+             "ignored without it.",
              None, parse_dcr_id, destination=True),
     Property("stream", Owner.PIPELINE,
              "Stream of the data collection rule that receives the rows.",
@@ -277,6 +300,11 @@ PROPERTIES: tuple[Property, ...] = (
              None, parse_readable_file),
     Property("compression_level", Owner.PIPELINE,
              "gzip level of request bodies, 1 (fastest) to 9 (smallest).", "1", _int_range(1, 9)),
+    Property("max_request_raw_bytes", Owner.PIPELINE,
+             "Largest uncompressed body of one request (64K to 32M). The wire size stays under "
+             "1 MiB whatever this says; after a 413 that only the uncompressed size explains, "
+             "the pipeline lowers it to 1M by itself (docs/azure.md, Requests).",
+             "32M", _size_range(64 << 10, 32 << 20)),
     Property("batch_interval", Owner.PIPELINE,
              "Longest time a row waits for its batch to fill before it is sent.",
              "1s", _positive(parse_duration, "duration")),
@@ -299,6 +327,17 @@ PROPERTIES: tuple[Property, ...] = (
 
 PROPERTY_BY_NAME: dict[str, Property] = {prop.name: prop for prop in PROPERTIES}
 DESTINATION_PROPERTIES: tuple[str, ...] = tuple(p.name for p in PROPERTIES if p.destination)
+
+# Settings the emulator replaces with its own when endpoint is unset (auth and cloud too).
+AZURE_ONLY_PROPERTIES = (
+    "dcr_id",
+    "endpoint_ca",
+    "tenant_id",
+    "client_id",
+    "client_secret",
+    "client_certificate",
+    "federated_token_file",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,6 +362,7 @@ class PipelineSettings:
     cluster_id: str
     policy: Path
     compression_level: int
+    max_request_raw_bytes: int
     batch_interval: float
     max_concurrency: int
     request_timeout: float
@@ -335,6 +375,13 @@ class PipelineSettings:
     def uses_emulator(self) -> bool:
         """No endpoint set: the pipeline delivers to the bundled local emulator."""
         return self.endpoint is None
+
+    @property
+    def ignored_by_emulator(self) -> list[str]:
+        """The Azure properties that are set but unused, because endpoint alone picks the emulator."""
+        if not self.uses_emulator:
+            return []
+        return [name for name in AZURE_ONLY_PROPERTIES if getattr(self, name) is not None]
 
     def destination(self) -> dict[str, str | None]:
         """Where the rows go, as parsed (defaults applied): the destination properties' values.
@@ -372,6 +419,7 @@ class PipelineSettings:
             cluster_id=values["cluster_id"] or "",
             policy=values["policy"] or BUNDLED_POLICY,
             compression_level=values["compression_level"],
+            max_request_raw_bytes=values["max_request_raw_bytes"],
             batch_interval=values["batch_interval"],
             max_concurrency=values["max_concurrency"],
             request_timeout=values["request_timeout"],
@@ -414,8 +462,6 @@ def _check_combinations(values: Mapping[str, Any]) -> list[PropertyProblem]:
     problems: list[PropertyProblem] = []
     if values.get("endpoint") is not None:
         problems += _require(values, "dcr_id", "when endpoint is set")
-    if values.get("dcr_id") is not None and values.get("endpoint") is None:
-        problems += _require(values, "endpoint", "when dcr_id is set")
     auth = values.get("auth")
     if values.get("endpoint") is not None and auth is Auth.CLIENT_SECRET:
         for name in ("tenant_id", "client_id", "client_secret"):

@@ -9,6 +9,11 @@ spool meanwhile. 413 splits a body in two; 400 bisects it down to the rows the s
 which alone are set aside with the service's message. 401/403 (and 404, a wrong rule or stream)
 keep the data, make the pipeline not ready at once, and keep trying.
 
+Azure documents the 1 MB limit of a call for "both compressed and uncompressed data"; the 413
+observed counts the bytes on the wire. ``Deliverer`` finds out which reading the endpoint applies
+with ``request_limits.RequestLimits``, at the cost of at most one refused request, and packs
+bodies again under a lowered uncompressed bound before it sends them.
+
 Bodies are the sidecar's own gzip bytes, handed to the SDK as a seekable ``io.BytesIO`` so that it
 sends them unchanged with ``Content-Encoding: gzip`` (a plain ``bytes`` would be encoded as a JSON
 array of integers). All requests and the credential's token requests share one aiohttp session
@@ -24,6 +29,7 @@ import io
 import logging
 import random
 import ssl
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +59,7 @@ from azure.monitor.ingestion.aio import LogsIngestionClient
 
 from auditrelay.config import CLOUD_AUTHORITY, Auth, PipelineSettings
 from auditrelay.errors import ConfigError, PropertyProblem
+from auditrelay.request_limits import RawLimitEvidence, RequestLimits
 
 _T = TypeVar("_T")
 MAX_RETRY_AFTER: Final = 600.0  # a longer Retry-After is taken as this; the spool holds the rows
@@ -370,6 +377,9 @@ class Payload(Protocol):
     @property
     def data(self) -> bytes: ...
 
+    @property
+    def raw_bytes(self) -> int: ...
+
 
 Splitter = Callable[[Payload], Awaitable[Sequence[Payload]]]
 
@@ -437,13 +447,19 @@ class AttemptObserver(Protocol):
 
 
 class Deliverer:
-    """Delivers one body until every row is either delivered or refused by the service."""
+    """Delivers one body until every row is either delivered or refused by the service.
+
+    ``split`` divides a body; it is called after ``limits`` was lowered, so that it can pack
+    the rows under the new bound. ``on_raw_limit`` hears of the lowering, once.
+    """
 
     def __init__(
         self,
         client: Sender,
         split: Splitter,
         *,
+        limits: RequestLimits | None = None,
+        on_raw_limit: Callable[[RawLimitEvidence], None] | None = None,
         health: DeliveryHealth | None = None,
         backoff: Backoff | None = None,
         observe: AttemptObserver | None = None,
@@ -451,7 +467,9 @@ class Deliverer:
     ) -> None:
         self.client = client
         self.health = health or DeliveryHealth()
+        self.limits = limits or RequestLimits(sys.maxsize)  # no bound but the service's
         self._split = split
+        self._on_raw_limit = on_raw_limit
         self._backoff = backoff or Backoff()
         self._observe = observe
         self._sleep = sleep
@@ -465,15 +483,23 @@ class Deliverer:
     async def _deliver(self, payload: Payload, report: DeliveryReport) -> None:
         failures = 0
         while True:
-            started = time.monotonic()
-            attempt = await self.client.send(payload.data)
-            report.requests += 1
-            if self._observe is not None:
-                self._observe(attempt, len(payload.data), time.monotonic() - started)
+            if self._must_repack(payload):
+                for part in await self._split(payload):  # packed before the bound was lowered
+                    await self._deliver(part, report)
+                return
+            attempt = await self._attempt(payload, report)
+            if attempt is None:
+                continue  # the bound was lowered while the body waited: pack it again
             if attempt.outcome is Outcome.DELIVERED:
                 self.health.succeeded()
                 report.delivered_rows += len(payload.rows)
                 return
+            if attempt.outcome is Outcome.TOO_LARGE:
+                evidence = self.limits.refused(
+                    len(payload.data), payload.raw_bytes, attempt.status, attempt.message
+                )
+                if evidence is not None and self._on_raw_limit is not None:
+                    self._on_raw_limit(evidence)
             if attempt.outcome in (Outcome.TOO_LARGE, Outcome.REFUSED):
                 await self._divide(payload, attempt, report)
                 return
@@ -482,6 +508,29 @@ class Deliverer:
             self.health.failed(attempt)
             delay = attempt.retry_after
             await self._sleep(self._backoff.delay(failures) if delay is None else delay)
+
+    async def _attempt(self, payload: Payload, report: DeliveryReport) -> Attempt | None:
+        """Sends the body once, one at a time while it would test the unknown reading; None
+        when the bound was lowered meanwhile and the body was not sent."""
+        if not self.limits.needs_probe(payload.raw_bytes):
+            return await self._send(payload, report)
+        async with self.limits.probe:
+            if self._must_repack(payload):
+                return None
+            return await self._send(payload, report)
+
+    def _must_repack(self, payload: Payload) -> bool:
+        return len(payload.rows) > 1 and self.limits.too_large(payload.raw_bytes)
+
+    async def _send(self, payload: Payload, report: DeliveryReport) -> Attempt:
+        started = time.monotonic()
+        attempt = await self.client.send(payload.data)
+        report.requests += 1
+        if self._observe is not None:
+            self._observe(attempt, len(payload.data), time.monotonic() - started)
+        if attempt.outcome is Outcome.DELIVERED:
+            self.limits.accepted(payload.raw_bytes)
+        return attempt
 
     async def _divide(self, payload: Payload, attempt: Attempt, report: DeliveryReport) -> None:
         if len(payload.rows) == 1:

@@ -56,6 +56,7 @@ class PipelineMetrics:
     spool_oldest_age: Gauge
     last_delivery: Gauge
     ready: Gauge
+    request_raw_bytes_limit: Gauge
     request_duration: Histogram
     delivery_latency: Histogram
     pipeline_id: str
@@ -150,6 +151,11 @@ class Metrics:
             "Unix time of the last successful request.",
         )
         self.ready = gauge("auditrelay_pipeline_ready", "1 when the pipeline is ready, else 0.")
+        self.request_raw_bytes_limit = gauge(
+            "auditrelay_request_raw_bytes_limit",
+            "Largest uncompressed body of one request: max_request_raw_bytes, or 1048576 once "
+            "the endpoint refused a body for its uncompressed size.",
+        )
         self.spool_orphaned_bytes = Gauge(
             "auditrelay_spool_orphaned_bytes",
             "Bytes pending in spools that no configured pipeline owns (see auditrelay spool list).",
@@ -199,6 +205,7 @@ class Metrics:
             spool_oldest_age=self.spool_oldest_age.labels(pipeline_id),
             last_delivery=self.last_delivery.labels(pipeline_id),
             ready=self.ready.labels(pipeline_id),
+            request_raw_bytes_limit=self.request_raw_bytes_limit.labels(pipeline_id),
             request_duration=self.request_duration.labels(pipeline_id),
             delivery_latency=self.delivery_latency.labels(pipeline_id),
             pipeline_id=pipeline_id,

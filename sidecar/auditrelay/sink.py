@@ -6,7 +6,9 @@ durable, or raises ``SpoolFullError`` (answer RETRY_LATER). In the background a 
 from the spool in order, packs them into gzip bodies (``batch``) when a body is full or
 ``batch_interval`` has passed, and delivers up to ``max_concurrency`` bodies at once
 (``deliver``). Spool positions are acknowledged only when every earlier body is delivered too,
-so a crash at any moment resends, never loses (at-least-once).
+so a crash at any moment resends, never loses (at-least-once). Bodies are bounded by wire size
+and by uncompressed size (``max_request_raw_bytes``); when the endpoint shows that it counts
+uncompressed bytes, ``request_limits.RequestLimits`` lowers the latter and the builder follows.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from auditrelay.deliver import (
 from auditrelay.errors import SpoolError, SpoolFullError
 from auditrelay.metrics import PipelineMetrics
 from auditrelay.model import AuditEvent, DeadLetter, DeadLetterSink
+from auditrelay.request_limits import RawLimitEvidence, RequestLimits
 from auditrelay.spool import CorruptRegion, Position, Spool
 from auditrelay.stream import RowEncoder
 
@@ -80,7 +83,12 @@ class DeliverySink:
         self._dead_letters = dead_letters
         self._destination = destination or Destination.from_settings(settings)
         self._credential_factory = credential_factory or credential_factory_for(settings)
-        self._builder = builder or BatchBuilder(settings.compression_level)
+        self._builder = builder or BatchBuilder(
+            settings.compression_level, max_raw_bytes=settings.max_request_raw_bytes
+        )
+        self.limits = RequestLimits(
+            self._builder.max_raw_bytes, wire_bytes=self._builder.max_body_bytes
+        )
         self._backoff = backoff or Backoff()
         self._encoder = RowEncoder(settings.cluster_name, settings.cluster_id)
         self._spool: Spool | None = None
@@ -125,6 +133,8 @@ class DeliverySink:
         self._deliverer = Deliverer(
             self._client,
             self._split,
+            limits=self.limits,
+            on_raw_limit=self._lower_raw_limit,
             health=self.health,
             backoff=self._backoff,
             observe=self._observe,
@@ -198,6 +208,7 @@ class DeliverySink:
         metrics.spool_oldest_age.set_function(lambda: _age(spool.oldest_pending_time()))
         metrics.last_delivery.set_function(lambda: self.health.last_success or 0.0)
         metrics.ready.set_function(lambda: 0.0 if self.problems() else 1.0)
+        metrics.request_raw_bytes_limit.set_function(lambda: self._builder.max_raw_bytes)
 
     # --- accepting events -----------------------------------------------------------------------
 
@@ -271,27 +282,29 @@ class DeliverySink:
     async def _pump(self) -> None:
         spool = self.spool
         rows: list[bytes] = []
-        size = 0
+        size = 1  # the body's uncompressed bytes: "[", then each row with its "," or "]"
+        full = False  # the next row would take the body over its target
         start = end = spool.acknowledged
         first_at: float | None = None
         while True:
             self._wakeup.clear()  # before reading, so an append after the read wakes us up
             target = self._builder.target_raw_bytes
-            if size < target:
-                read = await asyncio.to_thread(spool.read, target - size)
+            if size < target and not full:
+                read = await asyncio.to_thread(spool.read, target - size, row_overhead=1)
                 if read is not None:
                     if not rows:
                         start, first_at = read.start, time.monotonic()
                     rows.extend(read.rows)
                     size += read.raw_bytes
+                    full = read.full
                     end = read.end
                     continue
             waited = 0.0 if first_at is None else time.monotonic() - first_at
             if rows and (
-                size >= target or waited >= self.settings.batch_interval or self._draining
+                full or size >= target or waited >= self.settings.batch_interval or self._draining
             ):
                 await self._dispatch(rows, start, end)
-                rows, size, first_at = [], 0, None
+                rows, size, full, first_at = [], 1, False, None
                 continue
             timeout = None if first_at is None else self.settings.batch_interval - waited
             with contextlib.suppress(TimeoutError):
@@ -366,6 +379,22 @@ class DeliverySink:
                 await asyncio.to_thread(self.spool.acknowledge, settled)
             finally:
                 self._progress.set()
+
+    def _lower_raw_limit(self, evidence: RawLimitEvidence) -> None:
+        """The endpoint counts uncompressed bytes: every body from now on stays under the new
+        bound (bodies already packed are packed again by the deliverer)."""
+        self._builder.max_raw_bytes = evidence.raw_limit
+        log.warning(
+            "request_raw_limit_lowered",
+            pipeline=self.name,
+            raw_limit=evidence.raw_limit,
+            wire_bytes=evidence.wire_bytes,
+            raw_bytes=evidence.raw_bytes,
+            wire_limit=self.limits.wire_bytes,
+            status=evidence.status,
+            error=evidence.message,
+            note="a 413 for a body under the wire limit: the endpoint counts uncompressed bytes",
+        )
 
     async def _split(self, payload: Payload) -> Sequence[Payload]:
         return await asyncio.to_thread(self._builder.split, payload.rows)

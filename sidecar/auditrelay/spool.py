@@ -74,7 +74,8 @@ class SpoolRead:
     rows: list[bytes]
     start: Position
     end: Position
-    raw_bytes: int
+    raw_bytes: int  # the rows' bytes, each with the read's row_overhead
+    full: bool = False  # max_bytes is used up, or the next row would not have fit in it
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,16 +393,19 @@ class Spool:
 
     # --- reading --------------------------------------------------------------------------------
 
-    def read(self, max_bytes: int) -> SpoolRead | None:
-        """The next rows after the previous read, about ``max_bytes`` of them; None if none.
+    def read(self, max_bytes: int, *, row_overhead: int = 0) -> SpoolRead | None:
+        """The next rows after the previous read, at most ``max_bytes`` of them, each counted
+        with ``row_overhead`` bytes more (a separator in a request body); None if none.
 
-        Always returns at least one row when one is there, however large.
+        Always returns at least one row when one is there, however large; a row that would not
+        fit after others is left for the next read (``full``).
         """
         with self._read_lock:
             rows: list[bytes] = []
             total = 0
+            full = False
             start = position = self._read_position()
-            while total < max_bytes:
+            while total < max_bytes and not full:
                 with self._state_lock:
                     write = self._write
                     limit = write.offset if position.segment == write.segment else None
@@ -414,7 +418,9 @@ class Spool:
                 end = limit if limit is not None else size
                 if position.offset >= end:
                     break
-                position, added = self._read_frames(position, end, rows, max_bytes - total)
+                position, added, full = self._read_frames(
+                    position, end, rows, max_bytes - total, row_overhead
+                )
                 total += added
             with self._state_lock:
                 self._read = position = self._normalized(position)
@@ -425,7 +431,8 @@ class Spool:
                 self.acknowledge(position)
             if not rows:
                 return None
-            return SpoolRead(rows=rows, start=start, end=position, raw_bytes=total)
+            full = full or total >= max_bytes
+            return SpoolRead(rows=rows, start=start, end=position, raw_bytes=total, full=full)
 
     def rewind(self) -> None:
         """Reads again from the acknowledged position (after dropping unacknowledged reads)."""
@@ -442,8 +449,10 @@ class Spool:
         return Position(min(later), 0) if later else Position(number, self._sizes[number])
 
     def _read_frames(
-        self, position: Position, end: int, rows: list[bytes], budget: int
-    ) -> tuple[Position, int]:
+        self, position: Position, end: int, rows: list[bytes], budget: int, row_overhead: int
+    ) -> tuple[Position, int, bool]:
+        """Frames of one segment from ``position`` up to ``end`` into ``rows``, within
+        ``budget``: the new position, the bytes added, and whether a row did not fit."""
         path = self.directory / _segment_name(position.segment)
         offset = position.offset
         added = 0
@@ -467,6 +476,8 @@ class Spool:
                 length, checksum = FRAME.unpack_from(block, at)
                 if length > MAX_FRAME_PAYLOAD or offset + FRAME.size + length > end:
                     return self._skip(path, position.segment, offset, end, "torn frame")
+                if rows and added + length + row_overhead > budget:
+                    return Position(position.segment, offset), added, True
                 at += FRAME.size
                 if at + length <= len(block):
                     payload = block[at : at + length]
@@ -475,13 +486,13 @@ class Spool:
                 if len(payload) != length or zlib.crc32(payload) != checksum:
                     return self._skip(path, position.segment, offset, end, "checksum mismatch")
                 rows.append(payload)
-                added += length
+                added += length + row_overhead
                 offset += FRAME.size + length
-        return Position(position.segment, offset), added
+        return Position(position.segment, offset), added, False
 
     def _skip(
         self, path: Path, segment: int, offset: int, end: int, reason: str
-    ) -> tuple[Position, int]:
+    ) -> tuple[Position, int, bool]:
         region = CorruptRegion(path=path, offset=offset, skipped_bytes=end - offset, reason=reason)
         log.warning(
             "spool_damage_skipped",
@@ -495,8 +506,8 @@ class Spool:
         with self._state_lock:
             writing_here = segment == self._write.segment
         if writing_here:
-            return Position(segment, end), 0
-        return self._next_segment(segment), 0
+            return Position(segment, end), 0, False
+        return self._next_segment(segment), 0, False
 
     # --- acknowledging --------------------------------------------------------------------------
 

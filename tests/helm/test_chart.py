@@ -478,3 +478,20 @@ def test_existing_configmap_replaces_the_chart_configuration(render: Render) -> 
     rendered = render(ci_file("default-values"), set_values={"existingConfigMap": "my-fluent-bit"})
     assert [] == rendered.all("ConfigMap")
     assert "my-fluent-bit" == rendered.volume("config")["configMap"]["name"]
+
+
+def test_hot_reload_is_refused_with_a_worker_pool(render: Render) -> None:
+    """Fluent Bit crashes on a hot reload when a Go plugin has workers, so the chart refuses
+    hotReload.enabled unless every auditrelay output has Workers 0, and says why; with workers 0
+    it renders, and the default (no hot reload) keeps Workers 1."""
+    with pytest.raises(RenderError, match=r"hotReload\.enabled needs Workers 0 .*SIGSEGV"):
+        render(ci_file("default-values"), set_values={"hotReload.enabled": "true"})
+    own_outputs = "[OUTPUT]\n    Name auditrelay\n    Match *\n    workers 2\n"
+    with pytest.raises(RenderError, match=r"hotReload\.enabled needs Workers 0"):
+        render(
+            ci_file("rke2-values"),
+            set_values={"config.outputs": own_outputs},
+        )
+    reloading = render(ci_file("rke2-values")).section("OUTPUT", "auditrelay")
+    assert "0" == reloading["workers"]
+    assert "1" == render(ci_file("default-values")).section("OUTPUT", "auditrelay")["workers"]

@@ -5,16 +5,14 @@ The ConfigMap's files are written to a directory and only the pod's fixed paths 
 (the configuration directory, the plugin, the state directory, the audit log, the socket, the HTTP
 port); every section, key and value is the chart's. Fluent Bit is started with the container's own
 arguments. The same is done with the fluent-bit chart values docs/helm.md gives for adopting the
-plugin through values alone (Pattern B). The runs need a ``fluent-bit`` binary (FLUENT_BIT, or one
-on PATH) and are skipped without one, as tests/integration/test_plugin_fluent_bit.py is.
+plugin through values alone (Pattern B). The runs need a ``fluent-bit`` binary (``make test-fluent-bit
+FLUENT_BIT=/path/to/fluent-bit``) and are skipped without one, and the run's last line names them.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -32,6 +30,7 @@ import pytest
 import yaml
 from auditrelay.flbproxy import build_plugin
 from fixtures.chunks import audit_line
+from harness.real_fluent_bit import fluent_bit_binary, needs_fluent_bit
 from harness.sidecar import Sidecar
 
 from helm.conftest import Render, Rendered, ci_file, parse_classic
@@ -40,12 +39,7 @@ DEFAULT_SIDECAR_ADDRESS = "unix:///run/auditrelay/relay.sock"
 HTTP_PORT_LINE = re.compile(r"(?im)^(\s*HTTP_Port\s+)\S+$")
 OUTPUT_NAME_LINE = re.compile(r"(?im)^(\s*)Name\s+auditrelay\s*$")
 HTTP_LISTEN_LINE = re.compile(r"(?im)^(\s*HTTP_Listen\s+)\S+$")
-FLUENT_BIT = os.environ.get("FLUENT_BIT") or shutil.which("fluent-bit") or ""
 DEADLINE_SECONDS = 30.0
-
-needs_fluent_bit = pytest.mark.skipif(
-    not FLUENT_BIT, reason="no fluent-bit binary (set FLUENT_BIT or put it on PATH)"
-)
 pytestmark = pytest.mark.timeout(900)  # the first run may build helm and the plugin
 
 
@@ -146,7 +140,7 @@ class ChartFluentBit:
     def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [FLUENT_BIT, *self.args], cwd=self.workdir, stdout=log, stderr=log
+                [fluent_bit_binary(), *self.args], cwd=self.workdir, stdout=log, stderr=log
             )
 
     def stop(self) -> int:

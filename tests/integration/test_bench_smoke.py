@@ -193,6 +193,28 @@ def test_pipeline_takes_json_parsed_chunks_too(tmp_path: Path) -> None:
     assert 0 == figures(result)["kept events lost"]
 
 
+def test_pipeline_compares_both_readings_of_the_size_limit(tmp_path: Path) -> None:
+    """--limits both runs the corpus under the wire reading and under the uncompressed one:
+    the second costs exactly one 413 and ends with the 1 MiB bound, the first none, and the
+    check after the last run finds every kept event once."""
+    result = run_bench(
+        "pipeline", "--events", "2000", "--emulator-cpu", "any", "--cpu", "any",
+        "--limits", "both", "--check", "--corpora", str(tmp_path), results=tmp_path / "r",
+    )  # fmt: skip
+    measured = figures(result)
+    assert (0, 0) == (measured["kept events lost"], measured["duplicate rows (at-least-once)"])
+    assert (0, 1) == (
+        measured["[wire] requests refused 413"],
+        measured["[uncompressed] requests refused 413"],
+    )
+    assert (32 << 20, 1 << 20) == (
+        measured["[wire] uncompressed bound at the end"],
+        measured["[uncompressed] uncompressed bound at the end"],
+    )
+    assert measured["[wire] uncompressed bytes per request"] > 1.048576
+    assert measured["[uncompressed] uncompressed bytes per request"] <= 1.048576
+
+
 def test_latency_times_every_kept_event(tmp_path: Path) -> None:
     """Every row the emulator stored is paired with the push that carried it."""
     result = run_bench(

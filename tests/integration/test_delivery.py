@@ -2,6 +2,10 @@
 
 Every test checks that each auditID sent arrives at least once, counts duplicates where a
 failure can cause them, and that no row was dropped for not matching the declared stream.
+
+The main scenarios run under both readings of the service's 1 MiB limit (``SizeLimits``): the
+bytes on the wire, and also the uncompressed bytes. They send bodies over 1 MiB uncompressed,
+so under the second reading the pipeline pays exactly one 413 to learn it, under the first none.
 """
 
 from __future__ import annotations
@@ -23,8 +27,16 @@ from typing import Any
 import jwt
 import orjson
 import pytest
+import structlog
 from auditrelay.config import PipelineSettings
-from auditrelay.emulator import DEFAULT_DCR_ID, Emulator, EmulatorSettings, Fault, FaultKind
+from auditrelay.emulator import (
+    DEFAULT_DCR_ID,
+    Emulator,
+    EmulatorSettings,
+    Fault,
+    FaultKind,
+    SizeLimits,
+)
 from auditrelay.errors import SpoolFullError
 from auditrelay.metrics import Metrics
 from auditrelay.model import AuditEvent, DeadLetter, EventSink
@@ -96,6 +108,40 @@ def emulator_settings(state_dir: Path, **overrides: Any) -> EmulatorSettings:
 async def emulator(tmp_path: Path) -> AsyncIterator[Emulator]:
     async with Emulator(emulator_settings(tmp_path / "emulator")) as running:
         yield running
+
+
+MIB = 1_048_576
+
+
+@pytest.fixture(params=list(SizeLimits), ids=[limits.value for limits in SizeLimits])
+async def either_emulator(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Emulator]:
+    """The emulator under one reading of the 1 MiB limit: wire bytes, or uncompressed too."""
+    limits: SizeLimits = request.param
+    settings = emulator_settings(tmp_path / "emulator", max_raw_bytes=limits.max_raw_bytes)
+    async with Emulator(settings) as running:
+        yield running
+
+
+def counts_uncompressed(emulator: Emulator) -> bool:
+    return emulator.settings.max_raw_bytes == SizeLimits.UNCOMPRESSED.max_raw_bytes
+
+
+def assert_size_refusals(emulator: Emulator, pipeline_lives: int = 1) -> None:
+    """One 413 per pipeline life under the uncompressed reading, none under the wire reading;
+    bodies over 1 MiB uncompressed were sent (else the scenario would test nothing) and, under
+    the uncompressed reading, every accepted body was under it."""
+    requests = emulator.store.requests()
+    refused = [r for r in requests if r.status == 413]
+    accepted_raw = [r.raw_bytes for r in requests if r.status == 204]
+    if counts_uncompressed(emulator):
+        assert pipeline_lives == len(refused)
+        assert all(r.wire_bytes < MIB for r in refused)
+        assert max(accepted_raw) <= MIB
+    else:
+        assert [] == refused
+        assert max(accepted_raw) > MIB
 
 
 def pipeline(emulator: Emulator, **properties: str) -> PipelineSettings:
@@ -211,16 +257,62 @@ async def test_the_sink_is_the_event_sink_app_expects(emulator: Emulator, tmp_pa
 
 
 async def test_a_stream_of_events_arrives_in_full_with_concurrent_requests(
-    emulator: Emulator, tmp_path: Path
+    either_emulator: Emulator, tmp_path: Path
 ) -> None:
-    """Thousands of events over several concurrent requests all arrive, none twice."""
+    """Thousands of events over several concurrent requests all arrive, none twice, under
+    either reading of the size limit. Under the uncompressed one, the first body refused is
+    the only 413: the pipeline logs the evidence once, its gauge shows the lowered bound, and
+    what was in flight goes in bodies under 1 MiB uncompressed. The first request is slow, so
+    that other bodies are ready to go while its answer is awaited."""
+    emulator = either_emulator
+    emulator.add_fault(Fault(FaultKind.SLOW, delay=1.0, count=1))
+    metrics = Metrics()
     events = fresh_events(6000, "bulk")
     settings = pipeline(emulator, max_concurrency="4", compression_level="6")
-    async with running_sink(settings, tmp_path / "spool") as sink:
-        await append_in_chunks(sink, events)
-        await emulator.wait_for_rows(len(events), within=60)
+    with structlog.testing.capture_logs() as logs:
+        async with running_sink(settings, tmp_path / "spool", metrics=metrics) as sink:
+            await append_in_chunks(sink, events)
+            await emulator.wait_for_rows(len(events), within=60)
     assert {} == +assert_all_arrived(emulator, ids(events))
     assert_every_row_matched_the_stream(emulator)
+    assert_size_refusals(emulator)
+    lowered = [line for line in logs if line["event"] == "request_raw_limit_lowered"]
+    limit = metrics.registry.get_sample_value(
+        "auditrelay_request_raw_bytes_limit", {"pipeline": "auditrelay.0"}
+    )
+    if counts_uncompressed(emulator):
+        [line] = lowered
+        [refused] = [r for r in emulator.store.requests() if r.status == 413]
+        assert (refused.wire_bytes, "413", MIB) == (
+            line["wire_bytes"],
+            line["status"],
+            line["raw_limit"],
+        )
+        assert line["raw_bytes"] > MIB
+        assert MIB == limit
+    else:
+        assert ([], 32 << 20) == (lowered, limit)
+
+
+async def test_bodies_fill_the_uncompressed_bound(tmp_path: Path) -> None:
+    """With max_request_raw_bytes 1M against the uncompressed reading, the pump gathers rows
+    up to the bound itself: no 413, and every body but the last holds 1 MiB uncompressed
+    less than one row (rows here are under 5 KB), so the reading costs as few requests as
+    it can."""
+    settings = emulator_settings(
+        tmp_path / "emulator", max_raw_bytes=SizeLimits.UNCOMPRESSED.max_raw_bytes
+    )
+    async with Emulator(settings) as emulator:
+        events = fresh_events(3000, "fill")
+        properties = {"max_request_raw_bytes": "1M", "batch_interval": "5s"}
+        async with running_sink(pipeline(emulator, **properties), tmp_path / "spool") as sink:
+            await sink.append(events)
+            await wait_for(lambda: emulator.store.count() > len(events) // 2, 60, "the full bodies")
+        requests = emulator.store.requests()
+        assert {} == +assert_all_arrived(emulator, ids(events))
+    assert {204} == {r.status for r in requests}
+    assert all(MIB - 5_000 < r.raw_bytes <= MIB for r in requests[:-1]), requests
+    assert 4 <= len(requests)
 
 
 async def test_requests_reuse_one_connection(emulator: Emulator, tmp_path: Path) -> None:
@@ -331,15 +423,19 @@ async def test_a_413_from_a_lowered_limit_splits_requests(tmp_path: Path) -> Non
         assert_every_row_matched_the_stream(emulator)
 
 
-async def test_a_400_sets_aside_only_the_refused_row(emulator: Emulator, tmp_path: Path) -> None:
+async def test_a_400_sets_aside_only_the_refused_row(
+    either_emulator: Emulator, tmp_path: Path
+) -> None:
     """A row the service refuses (invalid JSON from a decoder that accepted NaN) is bisected out
-    and dead-lettered with the service's message; all other rows arrive."""
-    events = fresh_events(300, "bisect")
+    and dead-lettered with the service's message; all other rows arrive, once each, under
+    either reading of the size limit (under the uncompressed one a 413 comes first)."""
+    emulator = either_emulator
+    events = fresh_events(1500, "bisect")
     bad_raw = b'{"auditID":"bad-one","annotations":NaN}'
     bad = AuditEvent({"auditID": "bad-one", "annotations": float("nan")}, bad_raw)
     letters = Letters()
     async with running_sink(pipeline(emulator), tmp_path / "spool", letters=letters) as sink:
-        await sink.append([*events[:150], bad, *events[150:]])
+        await sink.append([*events[:750], bad, *events[750:]])
         await emulator.wait_for_rows(len(events), within=30)
         await wait_for(lambda: bool(letters.letters), 30, "the dead letter")
     assert {} == +assert_all_arrived(emulator, ids(events))
@@ -347,6 +443,7 @@ async def test_a_400_sets_aside_only_the_refused_row(emulator: Emulator, tmp_pat
     assert letter.payload.startswith(bad_raw[:-1])
     assert "HTTP 400 InvalidJson" in letter.reason
     assert 0 == emulator.store.audit_id_counts().get("bad-one", 0)
+    assert_size_refusals(emulator)
 
 
 async def test_throttling_with_retry_after_is_honoured(emulator: Emulator, tmp_path: Path) -> None:
@@ -364,18 +461,23 @@ async def test_throttling_with_retry_after_is_honoured(emulator: Emulator, tmp_p
 
 
 async def test_throttling_without_retry_after_and_server_errors_are_retried(
-    emulator: Emulator, tmp_path: Path
+    either_emulator: Emulator, tmp_path: Path
 ) -> None:
     """429 without Retry-After, 408, 500, 502, 503 and 504, which the SDK would not all retry,
-    are retried by the sidecar with backoff until the rows arrive."""
+    are retried by the sidecar with backoff until the rows arrive, once each, under either
+    reading of the size limit: a failed probe teaches nothing, the first answer that counts
+    does."""
+    emulator = either_emulator
     for status in (429, 408, 500, 502, 503, 504):
         emulator.add_fault(Fault(FaultKind.STATUS, status=status, count=1))
     metrics = Metrics()
-    events = fresh_events(100, "errors")
+    events = fresh_events(1000, "errors")
     async with running_sink(pipeline(emulator), tmp_path / "spool", metrics=metrics) as sink:
         await sink.append(events)
         await emulator.wait_for_rows(len(events), within=60)
-    assert [429, 408, 500, 502, 503, 504, 204] == statuses(emulator)
+    after_faults = [413, 204, 204] if counts_uncompressed(emulator) else [204]
+    assert [429, 408, 500, 502, 503, 504, *after_faults] == statuses(emulator)
+    assert_size_refusals(emulator)
     assert 6.0 == metrics.registry.get_sample_value(
         "auditrelay_retries_total", {"pipeline": "auditrelay.0"}
     )
@@ -454,11 +556,14 @@ async def test_a_timeout_after_the_rows_were_stored_resends_them(tmp_path: Path)
 
 
 async def test_rows_not_delivered_before_a_stop_are_sent_after_restart(
-    emulator: Emulator, tmp_path: Path
+    either_emulator: Emulator, tmp_path: Path
 ) -> None:
-    """Rows still in the spool when the sink stops (endpoint failing) arrive after a restart."""
+    """Rows still in the spool when the sink stops (endpoint failing) arrive after a restart,
+    once each, under either reading of the size limit; the restarted pipeline learns the
+    reading again (a new life: one 413 under the uncompressed reading)."""
+    emulator = either_emulator
     emulator.add_fault(Fault(FaultKind.STATUS, status=503))
-    events = fresh_events(400, "restart")
+    events = fresh_events(1200, "restart")
     async with running_sink(pipeline(emulator), tmp_path / "spool", drain=0.2) as sink:
         await sink.append(events)
         await emulator.wait_for_requests(1, within=10)
@@ -467,6 +572,7 @@ async def test_rows_not_delivered_before_a_stop_are_sent_after_restart(
     async with running_sink(pipeline(emulator), tmp_path / "spool") as sink:
         await emulator.wait_for_rows(len(events), within=30)
     assert {} == +assert_all_arrived(emulator, ids(events))
+    assert_size_refusals(emulator)
 
 
 def tear_newest_segment(directory: Path) -> None:

@@ -94,7 +94,9 @@ def test_demo_delivers_every_kept_event_of_the_bundled_log(
     )
     assert (len(kept), store.count()) == (summary["events_delivered"], summary["stored_rows"])
     assert summary["bytes_saved"] == summary["audit_log_bytes"] - wire
-    assert "auditrelay emulator rows --state-dir" in output
+    assert f"auditrelay emulator rows --state-dir {store.path.parent} --limit {store.count()}" in (
+        output
+    )
 
 
 def test_demo_takes_the_operators_own_gzipped_log(plugin_path: Path, tmp_path: Path) -> None:

@@ -127,3 +127,27 @@ def test_plugin_files_are_not_taken_for_c_plugins() -> None:
     in_yaml = yaml.safe_load((CONF_DIR / "fluent-bit.yaml").read_text())["plugins"]
     paths = [keys["path"] for name, keys in plugins if name == "PLUGINS"] + in_yaml
     assert ["out_auditrelay.so", "out_auditrelay.so"] == [Path(path).name for path in paths]
+
+
+def test_shipped_configurations_serve_fluent_bits_api_on_loopback_only() -> None:
+    """Fluent Bit's HTTP server (health, metrics, /api/v2/reload) is not open to the network in the
+    shipped examples: both formats set HTTP_Listen to 127.0.0.1."""
+    [(_, service)] = [
+        section
+        for section in classic_sections((CONF_DIR / "fluent-bit.conf").read_text())
+        if section[0] == "SERVICE"
+    ]
+    in_yaml = yaml.safe_load((CONF_DIR / "fluent-bit.yaml").read_text())["service"]
+    assert ("on", "127.0.0.1") == (service["http_server"].lower(), service["http_listen"])
+    assert (True, "127.0.0.1") == (in_yaml["http_server"], in_yaml["http_listen"])
+
+
+@pytest.mark.parametrize(("where", "section"), all_examples(), ids=lambda x: str(x)[:24])
+def test_removing_only_endpoint_selects_the_emulator(where: str, section: dict[str, str]) -> None:
+    """As README says: without endpoint the pipeline delivers to the bundled emulator, and the
+    dcr_id left behind is accepted and named as ignored rather than refused."""
+    properties = plugin_properties(section)
+    del properties["endpoint"]
+    settings = PipelineSettings.from_properties(properties, "auditrelay.0")
+    assert settings.uses_emulator, where
+    assert ["dcr_id"] == settings.ignored_by_emulator, where

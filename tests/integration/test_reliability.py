@@ -35,6 +35,7 @@ from auditrelay.emulator import (
     EmulatorSettings,
     Fault,
     FaultKind,
+    SizeLimits,
     running_in_thread,
 )
 from auditrelay.filter import PolicyFilter
@@ -362,6 +363,67 @@ def test_a_413_from_a_lowered_limit(
         assert 413 in statuses(emulator)
         accepted = [r.wire_bytes for r in emulator.store.requests() if r.status == 204]
         assert all(size <= 30_000 for size in accepted), accepted
+
+
+def metric_samples(sidecar: Sidecar, name: str) -> list[tuple[dict[str, str], float]]:
+    """The samples of one metric on the sidecar's /metrics: labels and value."""
+    [started] = sidecar.events("server_started")[-1:]
+    with urllib.request.urlopen(f"{started['metrics']}/metrics", timeout=5) as reply:  # noqa: S310
+        text = reply.read().decode()
+    samples = []
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, _, value = line[len(name) + 1 :].partition("} ")
+            pairs = (pair.split("=", 1) for pair in labels.split(",") if pair)
+            samples.append(({key: quoted.strip('"') for key, quoted in pairs}, float(value)))
+    return samples
+
+
+@pytest.mark.parametrize("limits", list(SizeLimits), ids=[limits.value for limits in SizeLimits])
+def test_two_pipelines_under_either_reading_of_the_size_limit(
+    workdir: Path, make_sidecar: Callable[..., Sidecar], proxy: GoProxy, limits: SizeLimits
+) -> None:
+    """Two [OUTPUT] sections stream through the plugin and `auditrelay serve` to an endpoint
+    that counts the bytes on the wire, or the uncompressed bytes too. Every kept event arrives
+    exactly once. Under the uncompressed reading each pipeline pays one 413, logs
+    request_raw_limit_lowered once with the evidence, and its gauge shows 1,048,576; under the
+    wire reading there is no 413 although bodies over 1 MiB uncompressed were sent."""
+    with emulator_running(workdir / "emulator", max_raw_bytes=limits.max_raw_bytes) as emulator:
+        sidecar = make_sidecar()
+        outputs = [
+            fluent_bit(proxy, sidecar, emulator, cluster_name=f"c{n}", batch_interval="500ms")
+            for n in range(2)
+        ]
+        chunks = Chunks(f"reading-{limits.value}")
+        for _ in range(8):
+            for output in outputs:
+                output.send(chunks.make(events=250))
+
+        assert 0 == assert_all_arrive(emulator, chunks.sent)
+        requests = emulator.store.requests()
+        refused = [r.wire_bytes for r in requests if r.status == 413]
+        largest_raw = max(r.raw_bytes for r in requests if r.status == 204)
+        lowered = sidecar.events("request_raw_limit_lowered")
+        gauge = [
+            value for _, value in metric_samples(sidecar, "auditrelay_request_raw_bytes_limit")
+        ]
+        per_pipeline = sorted(
+            value
+            for labels, value in metric_samples(sidecar, "auditrelay_requests_total")
+            if labels["status"] == "413"
+        )
+        if limits is SizeLimits.UNCOMPRESSED:
+            assert 2 == len(refused)
+            assert all(wire < 1_048_576 for wire in refused)
+            assert largest_raw <= 1_048_576
+            assert ["auditrelay.0", "auditrelay.1"] == sorted(line["pipeline"] for line in lowered)
+            assert all(line["raw_bytes"] > 1_048_576 for line in lowered)
+            assert [1_048_576] * 2 == [line["raw_limit"] for line in lowered]
+            assert ([1_048_576.0] * 2, [1.0, 1.0]) == (gauge, per_pipeline)
+        else:
+            assert ([], [], [float(32 << 20)] * 2) == (refused, lowered, gauge)
+            assert [] == per_pipeline
+            assert largest_raw > 1_048_576
 
 
 def test_a_token_expiring_mid_stream(

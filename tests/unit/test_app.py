@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+import structlog
 from auditrelay.app import App
 from auditrelay.config import PipelineSettings, ServerSettings
 from auditrelay.deadletter import payload_of, read_letters
@@ -374,6 +375,27 @@ class TestDefaultPipeline:
             if PolicyFilter.from_file(app.pipelines[pipeline_id].settings.policy).apply(event)
         ]
         assert sorted(kept) == sorted(str(row.audit_id) for row in emulator.store.rows())
+
+    async def test_dcr_id_without_endpoint_is_ignored_and_said_so(
+        self, settings: ServerSettings
+    ) -> None:
+        """The shipped output with only endpoint removed delivers to the emulator; the log line
+        that says so names the dcr_id it ignores."""
+        app = App(settings)
+        try:
+            with structlog.testing.capture_logs() as logs:
+                pipeline_id = await configured(
+                    app, dcr_id="dcr-" + "0" * 32, auth="workload_identity", batch_interval="10ms"
+                )
+                await app.push(pipeline_id, "t", chunk([parsed_event(audit_id="local")]))
+            emulator = app.emulator.running
+            assert emulator is not None
+            await emulator.wait_for_rows(1, within=30)
+            assert ["local"] == [row.audit_id for row in emulator.store.rows()]
+            [line] = [entry for entry in logs if entry["event"] == "pipeline_delivers_to_emulator"]
+            assert ["dcr_id"] == line["ignored"]
+        finally:
+            await app.aclose()
 
     async def test_shutdown_delivers_what_the_spool_holds(self, settings: ServerSettings) -> None:
         """Events accepted just before shutdown are delivered while the app drains its spools

@@ -109,3 +109,29 @@ def test_levels_outside_one_to_nine_are_refused() -> None:
 def test_nothing_to_pack_is_no_body() -> None:
     """No rows, no request."""
     assert [] == BatchBuilder(1).pack([])
+
+
+def test_the_uncompressed_bound_is_exact_so_a_body_fills_it() -> None:
+    """A body's raw_bytes is the length of its JSON array, and a body fills the uncompressed
+    bound to the byte: rows of 99 bytes take 100 each ("," or "]"), plus "[", so a bound of
+    1,001 bytes holds exactly ten of them, with no split and no short body."""
+    rows = [b'{"n":%05d,"p":"%s"}' % (n, b"x" * 81) for n in range(100)]
+    assert {99} == {len(row) for row in rows}
+    bodies = BatchBuilder(1, max_raw_bytes=1_001).pack(rows)
+    assert [1_001] * 10 == [body.raw_bytes for body in bodies]
+    assert [len(gzip.decompress(body.data)) for body in bodies] == [b.raw_bytes for b in bodies]
+    assert rows == rows_of(bodies)
+
+
+def test_split_packs_again_under_a_lowered_bound() -> None:
+    """Rows packed under a large bound, split after the bound was lowered, come back as few
+    bodies as the new bound allows (not halves of halves), each under it, in order."""
+    rows = [b'{"n":%05d,"p":"%s"}' % (n, b"x" * 981) for n in range(3_000)]  # 1,000 B each
+    builder = BatchBuilder(1)
+    [body] = builder.pack(rows)
+    assert 3_000_000 < body.raw_bytes
+    builder.max_raw_bytes = 1_048_576
+    bodies = builder.split(body.rows)
+    assert all(part.raw_bytes <= 1_048_576 for part in bodies)
+    assert 3 == len(bodies)  # 1,047 rows fit in 1,048,576 bytes; 3,000 rows need three bodies
+    assert rows == rows_of(bodies)

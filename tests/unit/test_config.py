@@ -29,6 +29,9 @@ class TestPipelineProperties:
             ("spool_limit", "lots", "a size such as 512k, 64M or 2G"),
             ("stream", "KubeAudit", "a custom stream name"),
             ("auth", "kerberos", "one of: workload_identity, managed_identity"),
+            ("max_request_raw_bytes", "1k", "a size from 64K to 32M, such as 1M"),
+            ("max_request_raw_bytes", "1G", "a size from 64K to 32M, such as 1M"),
+            ("max_request_raw_bytes", "big", "a size from 64K to 32M, such as 1M"),
         ],
     )
     def test_wrong_value_names_property_value_and_expectation(
@@ -45,6 +48,23 @@ class TestPipelineProperties:
         assert [("dcr_id", "", "a value when endpoint is set")] == problems_of(
             {"endpoint": "https://dce.westeurope-1.ingest.monitor.azure.com"}
         )
+
+    def test_endpoint_alone_selects_the_emulator(self) -> None:
+        """dcr_id and identity properties without endpoint: the emulator, with them named as
+        ignored; with endpoint they are used and nothing is ignored."""
+        dcr_id = "dcr-" + "0" * 32
+        local = PipelineSettings.from_properties(
+            {"dcr_id": dcr_id, "auth": "client_secret", "tenant_id": "t", "client_id": "c"}
+        )
+        azure = PipelineSettings.from_properties(
+            {"dcr_id": dcr_id, "endpoint": "https://dce.westeurope-1.ingest.monitor.azure.com"}
+        )
+
+        assert (True, ["dcr_id", "tenant_id", "client_id"]) == (
+            local.uses_emulator,
+            local.ignored_by_emulator,
+        )
+        assert (False, []) == (azure.uses_emulator, azure.ignored_by_emulator)
 
     def test_every_problem_is_reported_at_once(self) -> None:
         """Several mistakes come back together, not one per attempt."""
@@ -64,6 +84,17 @@ class TestPipelineProperties:
 
         assert "compresion_level" == prop
         assert expected.startswith("a known property")
+
+    def test_the_uncompressed_bound_defaults_to_todays_and_takes_sizes(self) -> None:
+        """max_request_raw_bytes: 32 MiB unless set (bodies bounded by wire size alone in
+        practice); 1M is the 1,048,576 bytes of the service's limit."""
+        default = PipelineSettings.from_properties({})
+        capped = PipelineSettings.from_properties({"max_request_raw_bytes": "1M"})
+
+        assert (32 << 20, 1_048_576) == (
+            default.max_request_raw_bytes,
+            capped.max_request_raw_bytes,
+        )
 
     def test_plugin_properties_are_left_to_the_plugin(self) -> None:
         """The plugin's own file paths live in Fluent Bit's container; the sidecar does not check them."""

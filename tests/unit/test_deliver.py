@@ -6,6 +6,7 @@ here a scripted sender stands at the transport boundary so every branch can be d
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import time
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from auditrelay.deliver import (
     tls_context,
 )
 from auditrelay.errors import ConfigError
+from auditrelay.request_limits import RawLimitEvidence, RequestLimits, SizeReading
 from azure.core.exceptions import ClientAuthenticationError, ServiceRequestError
 from azure.identity.aio import (
     CertificateCredential,
@@ -52,19 +54,28 @@ class ScriptedSender:
     """Answers like the service would: 413 over a size, 400 when a body holds a bad row, or a
     scripted sequence of transient failures first."""
 
-    def __init__(self, *, max_body: int = 1 << 30, failures: Sequence[Attempt] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        max_body: int = 1 << 30,
+        max_raw: int = 1 << 30,
+        failures: Sequence[Attempt] = (),
+    ) -> None:
         self.max_body = max_body
+        self.max_raw = max_raw
         self.failures = list(failures)
         self.bodies: list[bytes] = []
         self.delivered: list[bytes] = []
 
     async def send(self, body: bytes) -> Attempt:
         self.bodies.append(body)
+        await asyncio.sleep(0)  # a request takes time: other deliveries may go meanwhile
         if self.failures:
             return self.failures.pop(0)
-        if len(body) > self.max_body:
+        raw = gzip.decompress(body)
+        if len(body) > self.max_body or len(raw) > self.max_raw:
             return Attempt(Outcome.TOO_LARGE, "413", "HTTP 413 ContentLengthLimitExceeded")
-        rows = orjson.loads(gzip.decompress(body))
+        rows = orjson.loads(raw)
         if any(row.get("bad") for row in rows):
             return Attempt(Outcome.REFUSED, "400", "HTTP 400 InvalidJson: bad row")
         self.delivered.extend(orjson.dumps(row) for row in rows)
@@ -119,6 +130,104 @@ async def test_a_400_sets_aside_only_the_refused_rows() -> None:
     assert {"HTTP 400 InvalidJson: bad row"} == {message for _, message in report.refused}
     assert sorted(set(all_rows) - set(refused_rows)) == sorted(sender.delivered)
     assert 98 == report.delivered_rows
+
+
+MIB = 1_048_576
+
+
+def wide_rows(count: int, prefix: str = "r") -> list[bytes]:
+    """Rows of 1,000 bytes that compress well, so a body far over 1 MiB raw is small on the wire."""
+    return [
+        orjson.dumps({"id": f"{prefix}{n:06d}", "pad": "x" * (975 - len(prefix))})
+        for n in range(count)
+    ]
+
+
+class Lowerings:
+    """The deliverer's on_raw_limit: keeps each evidence and lowers the builder, as the sink does."""
+
+    def __init__(self, builder: BatchBuilder) -> None:
+        self.builder = builder
+        self.seen: list[RawLimitEvidence] = []
+
+    def __call__(self, evidence: RawLimitEvidence) -> None:
+        self.seen.append(evidence)
+        self.builder.max_raw_bytes = evidence.raw_limit
+
+
+def adaptive(sender: ScriptedSender, builder: BatchBuilder) -> tuple[Deliverer, Lowerings]:
+    async def split(payload: Payload) -> Sequence[Payload]:
+        return builder.split(payload.rows)
+
+    lowerings = Lowerings(builder)
+    limits = RequestLimits(builder.max_raw_bytes, wire_bytes=MIB)
+    return Deliverer(
+        sender, split, limits=limits, on_raw_limit=lowerings, sleep=Sleeps()
+    ), lowerings
+
+
+def statuses(sender: ScriptedSender) -> list[str]:
+    """413 or 204 per request the sender saw, by the same rule it answers with."""
+    return ["413" if len(gzip.decompress(b)) > sender.max_raw else "204" for b in sender.bodies]
+
+
+async def test_a_413_under_the_wire_limit_lowers_the_uncompressed_bound_once() -> None:
+    """An endpoint that counts uncompressed bytes refuses the first body over 1 MiB raw (small
+    on the wire): that one 413 is the whole cost. The bound drops to 1,048,576 once, with the
+    evidence; the refused rows and a later body packed under the old bound go in bodies under
+    it; every row is delivered exactly once."""
+    builder = BatchBuilder(1)
+    first, second = wide_rows(3_000, "a"), wide_rows(3_000, "b")
+    [body_a] = builder.pack(first)
+    [body_b] = builder.pack(second)  # packed before the bound is lowered
+    sender = ScriptedSender(max_raw=MIB)
+    deliverer_, lowerings = adaptive(sender, builder)
+    report_a = await deliverer_.deliver(body_a)
+    report_b = await deliverer_.deliver(body_b)
+    assert sorted(first + second) == sorted(sender.delivered)
+    assert (3_000, 3_000) == (report_a.delivered_rows, report_b.delivered_rows)
+    assert ["413"] == [status for status in statuses(sender) if status == "413"]
+    [evidence] = lowerings.seen
+    assert (len(body_a.data), body_a.raw_bytes, "413", MIB) == (
+        evidence.wire_bytes,
+        evidence.raw_bytes,
+        evidence.status,
+        evidence.raw_limit,
+    )
+    assert evidence.wire_bytes < MIB < evidence.raw_bytes
+    assert "ContentLengthLimitExceeded" in evidence.message
+    assert (SizeReading.UNCOMPRESSED, MIB) == (deliverer_.limits.reading, builder.max_raw_bytes)
+    assert 1 + 3 + 3 == report_a.requests + report_b.requests  # 3,000 rows fit in 3 bodies
+
+
+async def test_concurrent_bodies_cost_one_413_in_all() -> None:
+    """Four bodies over 1 MiB raw delivered at once: while the reading is unknown they go one
+    at a time, so only the first is refused; the others are packed again before they are sent."""
+    builder = BatchBuilder(1)
+    batches = [wide_rows(2_000, prefix) for prefix in "abcd"]
+    bodies = [builder.pack(rows_)[0] for rows_ in batches]
+    sender = ScriptedSender(max_raw=MIB)
+    deliverer_, lowerings = adaptive(sender, builder)
+    reports = await asyncio.gather(*(deliverer_.deliver(body) for body in bodies))
+    assert sorted(row for rows_ in batches for row in rows_) == sorted(sender.delivered)
+    assert [2_000] * 4 == [report.delivered_rows for report in reports]
+    assert 1 == statuses(sender).count("413")
+    assert 1 == len(lowerings.seen)
+
+
+async def test_a_204_for_a_body_over_1_mib_raw_settles_the_wire_reading() -> None:
+    """An endpoint that counts wire bytes takes a body of 3 MB raw: no 413, nothing lowered,
+    and bodies after it are no longer sent one at a time."""
+    builder = BatchBuilder(1)
+    [body] = builder.pack(wide_rows(3_000))
+    sender = ScriptedSender(max_body=MIB)
+    deliverer_, lowerings = adaptive(sender, builder)
+    report = await deliverer_.deliver(body)
+    assert (3_000, 1) == (report.delivered_rows, report.requests)
+    assert [] == lowerings.seen
+    assert SizeReading.WIRE == deliverer_.limits.reading
+    assert not deliverer_.limits.needs_probe(body.raw_bytes)
+    assert 32 << 20 == builder.max_raw_bytes
 
 
 async def test_transient_failures_are_retried_with_retry_after_or_jittered_backoff() -> None:

@@ -86,6 +86,28 @@ def test_serve_flags_become_emulator_settings(tmp_path: Path, streams_file: Path
     assert COLUMNS == dict(settings.declarations()[STREAM].columns)
 
 
+@pytest.mark.parametrize(
+    ("flags", "max_raw_bytes"),
+    [
+        ([], 64 << 20),
+        (["--limits", "wire"], 64 << 20),
+        (["--limits", "uncompressed"], 1_048_576),
+        (["--limits", "uncompressed", "--max-raw-bytes", "2M"], 2 << 20),
+    ],
+)
+def test_the_limits_preset_sets_the_decompressed_limit(
+    tmp_path: Path, flags: list[str], max_raw_bytes: int
+) -> None:
+    """--limits wire keeps the 64M bomb guard; uncompressed caps the decompressed body at
+    1 MiB like the wire; an explicit --max-raw-bytes wins over either."""
+    args = build_parser().parse_args(["emulator", "serve", "--state-dir", str(tmp_path), *flags])
+
+    assert (1_048_576, max_raw_bytes) == (
+        settings_from(args).max_body_bytes,
+        settings_from(args).max_raw_bytes,
+    )
+
+
 def test_unreadable_stream_file_is_a_clear_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -95,6 +117,16 @@ def test_unreadable_stream_file_is_a_clear_error(
 
     assert 2 == code
     assert f"--streams: got '{missing}'" in capsys.readouterr().err
+
+
+def test_rows_help_states_its_default_limit(capsys: pytest.CaptureFixture[str]) -> None:
+    """rows prints 20 rows unless told otherwise, and its help says so."""
+    with pytest.raises(SystemExit) as raised:
+        build_parser().parse_args(["emulator", "rows", "--help"])
+
+    assert 0 == raised.value.code
+    assert "At most this many rows (default: 20)." in " ".join(capsys.readouterr().out.split())
+    assert 20 == build_parser().parse_args(["emulator", "rows", "--state-dir", "x"]).limit
 
 
 def test_bad_fault_flag_is_refused_by_the_parser(

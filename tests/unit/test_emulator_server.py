@@ -22,6 +22,7 @@ from auditrelay.emulator import (
     EmulatorSettings,
     Fault,
     FaultKind,
+    SizeLimits,
     StoreMode,
     running_in_thread,
     shipped_declarations,
@@ -233,6 +234,37 @@ async def test_decompressed_size_is_capped(tmp_path: Path) -> None:
             status, _, answer = await post(session, emulator, b"[" + b" " * 5000 + b"]")
 
     assert (413, "ContentLengthLimitExceeded") == (status, error_of(answer)[0])
+
+
+def body_of_raw_size(size: int) -> bytes:
+    """A JSON array of valid rows padded with whitespace to exactly ``size`` bytes."""
+    text = json.dumps(rows(3)).encode()
+    return text[:-1] + b" " * (size - len(text)) + b"]"
+
+
+@pytest.mark.parametrize(
+    ("limits", "statuses"),
+    [(SizeLimits.WIRE, (204, 204)), (SizeLimits.UNCOMPRESSED, (204, 413))],
+)
+async def test_the_limits_preset_decides_whether_uncompressed_bytes_count(
+    tmp_path: Path, limits: SizeLimits, statuses: tuple[int, int]
+) -> None:
+    """Two gzip bodies, a few KB on the wire, of 1,048,576 and 1,048,577 bytes decompressed:
+    the wire reading takes both; the uncompressed reading takes the first and refuses the
+    second with the service's 413 code."""
+    settings = EmulatorSettings(
+        state_dir=tmp_path, streams={STREAM: COLUMNS}, max_raw_bytes=limits.max_raw_bytes
+    )
+    async with Emulator(settings) as emulator:
+        connector = aiohttp.TCPConnector(ssl=emulator.client_ssl_context())
+        async with aiohttp.ClientSession(connector=connector) as session:
+            at_limit = await post(session, emulator, body_of_raw_size(1_048_576))
+            over = await post(session, emulator, body_of_raw_size(1_048_577))
+
+    assert statuses == (at_limit[0], over[0])
+    if over[0] == 413:
+        assert "ContentLengthLimitExceeded" == error_of(over[2])[0]
+    assert all(request.wire_bytes < 10_000 for request in emulator.store.requests())
 
 
 async def test_strict_mode_refuses_an_object_body(tmp_path: Path) -> None:

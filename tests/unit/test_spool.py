@@ -121,15 +121,30 @@ def test_a_spool_whose_rows_are_all_delivered_is_never_full(spool_dir: Path) -> 
 
 
 def test_reads_are_bounded_whatever_the_backlog(spool_dir: Path) -> None:
-    """A read returns about max_bytes of rows, however much the spool holds."""
+    """A read returns at most max_bytes of rows, as close to it as whole rows allow, however
+    much the spool holds; the row that would not fit comes first in the next read."""
     spool = Spool(spool_dir, limit_bytes=64 << 20, sync=False)
     for first in range(0, 100_000, 10_000):
         spool.append(rows(first, 10_000))
     read = spool.read(10_000)
     assert read is not None
     largest = max(len(row) for row in read.rows)
-    assert 10_000 <= read.raw_bytes < 10_000 + largest
-    assert rows(0, len(read.rows)) == read.rows
+    assert 10_000 - largest < read.raw_bytes <= 10_000
+    assert (rows(0, len(read.rows)), True) == (read.rows, read.full)
+    following = spool.read(10)
+    assert following is not None
+    assert rows(len(read.rows), 1) == following.rows  # one row, larger than 10 bytes
+    spool.close()
+
+
+def test_a_read_counts_each_rows_overhead(spool_dir: Path) -> None:
+    """row_overhead counts each row's separator in a request body, so that the rows' bytes
+    plus one byte each stay within max_bytes."""
+    spool = Spool(spool_dir, limit_bytes=64 << 20, sync=False)
+    spool.append([b"x" * 99] * 100)
+    read = spool.read(1_000, row_overhead=1)
+    assert read is not None
+    assert (10, 1_000, True) == (len(read.rows), read.raw_bytes, read.full)
     spool.close()
 
 

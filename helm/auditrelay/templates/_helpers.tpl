@@ -156,8 +156,21 @@ A custom config.outputs includes it too: {{ include "auditrelay.outputProperties
 {{- join "\n\n" $sections }}
 {{- end }}
 
+{{/* Refuses hotReload.enabled with a worker pool on an auditrelay output: Fluent Bit starts a Go
+plugin's pool twice, and after a reload the orphaned pool's timer reads the freed instance. */}}
+{{- define "auditrelay.checkHotReload" -}}
+{{- if .Values.hotReload.enabled }}
+{{- range regexFindAll "(?is)\\[OUTPUT\\][^\\[]*" (include "auditrelay.fluentBitConf" .) -1 }}
+{{- if and (regexMatch "(?im)^\\s*name\\s+auditrelay\\s*$" .) (regexMatch "(?im)^\\s*workers\\s+0*[1-9]" .) }}
+{{- fail "hotReload.enabled needs Workers 0 on every auditrelay output (set workers: 0): Fluent Bit (seen on v4.2.8 and v5.1.1) starts a Go plugin's worker pool twice and crashes (SIGSEGV) on the second or third reload. Or keep hotReload.enabled=false: a changed configuration then rolls the pods. See docs/plugin.md" }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* The data of the configuration ConfigMap: fluent-bit.conf, custom_parsers.conf, config.extraFiles. */}}
 {{- define "auditrelay.fluentBitConfigData" -}}
+{{- include "auditrelay.checkHotReload" . }}
 fluent-bit.conf: |
   {{- include "auditrelay.fluentBitConf" . | nindent 2 }}
 custom_parsers.conf: |

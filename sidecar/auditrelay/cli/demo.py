@@ -465,7 +465,8 @@ def report(summary: Summary, rows: Sequence[StoredRow], shown: int) -> str:
     lines += [
         "",
         f"  emulator store: {s.emulator_store}",
-        f"  more rows:      auditrelay emulator rows --state-dir {Path(s.emulator_store).parent}",
+        f"  all rows:       auditrelay emulator rows --state-dir {Path(s.emulator_store).parent}"
+        f" --limit {len(rows)}",
     ]
     return "\n".join(lines)
 

@@ -17,6 +17,7 @@ from auditrelay.emulator.server import (
     BodyMode,
     Emulator,
     EmulatorSettings,
+    SizeLimits,
     running_in_thread,
 )
 from auditrelay.emulator.store import ErrorEntry, RequestRecord, Store, StoredRow, StoreMode
@@ -33,6 +34,7 @@ __all__ = [
     "FaultError",
     "FaultKind",
     "RequestRecord",
+    "SizeLimits",
     "Store",
     "StoreMode",
     "StoredRow",

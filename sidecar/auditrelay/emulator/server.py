@@ -79,6 +79,19 @@ T = TypeVar("T")
 _GZIP_ERROR = cast("type[Exception]", isal.isal_zlib.IsalError)
 
 
+class SizeLimits(enum.Enum):
+    """Which bytes the 1 MiB limit of a call counts. Azure documents it for "both compressed
+    and uncompressed data"; the 413 observed counts the bytes on the wire."""
+
+    WIRE = "wire"  # the bytes sent; the decompressed body only has a bomb guard
+    UNCOMPRESSED = "uncompressed"  # the bytes sent and the decompressed body, 1 MiB each
+
+    @property
+    def max_raw_bytes(self) -> int:
+        """The largest decompressed body this reading allows."""
+        return MAX_RAW_BYTES if self is SizeLimits.WIRE else MAX_BODY_BYTES
+
+
 class BodyMode(enum.Enum):
     """What happens to a body whose top level is not a JSON array."""
 
