@@ -13,8 +13,9 @@ help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 .PHONY: install
-install: ## Install the Python package (editable, with dev tools) and the Go code generators
+install: ## Install the Python package (editable, with dev tools), the Kusto parser (npm) and the Go code generators
 	$(PYTHON) -m pip install --quiet -e '.[dev]'
+	cd tests/kql && npm ci --no-audit --no-fund --silent
 	$(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
 	$(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
 

@@ -25,7 +25,8 @@ _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^:()]+)(?::(?P<line>\d+))?\)
 # Inclusive buckets, checked innermost-first: the first module on the stack (from the leaf up)
 # that names a bucket takes the sample.
 STAGES = {
-    "auditrelay/decode.py": "decode (msgpack, orjson.loads)",
+    "auditrelay/decode.py": "decode (chunk framing, msgspec header)",
+    "auditrelay/model.py": "decode (chunk framing, msgspec header)",
     "auditrelay/filter.py": "filter (audit policy)",
     "auditrelay/policy.py": "filter (audit policy)",
     "auditrelay/stream.py": "rows (stream.RowEncoder)",

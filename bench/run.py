@@ -651,6 +651,78 @@ def run_e2e_backlog(args: argparse.Namespace, result: Result) -> None:
     result.add("drain time", run.drain_s, "s", note=f"{flushed.stored_rows} of {kept} rows stored")
 
 
+def executable(text: str) -> Path:
+    """A path to an executable file (a Fluent Bit binary)."""
+    path = Path(text)
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise argparse.ArgumentTypeError(f"{text}: not an executable file")
+    return path
+
+
+def fluent_bit_options(parser: argparse.ArgumentParser) -> None:
+    corpus_options(parser)
+    parser.add_argument(
+        "--fluent-bit", type=executable, action="append", required=True, metavar="PATH",
+        help="a Fluent Bit binary (repeat for several versions); none is installed by the project",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sidecar-cpu", type=cpu_or_none, default=1, help="CPU of the sidecar ('any': unpinned)"
+    )
+    parser.add_argument(
+        "--emulator-cpu", type=cpu_or_none, default=0, help="CPU of the emulator ('any': unpinned)"
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="runs; the median is reported")
+
+
+@command(
+    "fluent-bit",
+    "a real Fluent Bit: tail -> null, then tail -> auditrelay -> serve -> emulator",
+    fluent_bit_options,
+)
+def run_fluent_bit(args: argparse.Namespace, result: Result) -> None:
+    from auditrelay.flbproxy import build_plugin
+
+    from bench import fluentbit
+    from bench.expected import expected_rows
+
+    paths, _ = built_corpus(args)
+    expected = expected_rows(corpus.iter_lines(paths.jsonl))
+    plugin = build_plugin()
+    for binary in args.fluent_bit:
+        name = fluentbit.version(binary)
+        result.details.setdefault("fluent_bit", {})[str(binary)] = name
+        nulls: list[fluentbit.FluentBitRun] = []
+        relays: list[fluentbit.FluentBitRun] = []
+        for _ in range(args.repeat):
+            with tempfile.TemporaryDirectory(prefix="ar-flb-") as short:
+                work = Path(short)
+                nulls.append(fluentbit.run_null(binary, paths.jsonl, expected.events, work, 900.0))
+                with emulator_process(args, work, full=False) as emu:
+                    relays.append(
+                        fluentbit.run_auditrelay(
+                            binary, paths.jsonl, (expected.events, len(expected.rows)), emu,
+                            plugin, work, args.sidecar_cpu, 900.0,
+                        )
+                    )  # fmt: skip
+        null, relay = fluentbit.median_run(nulls), fluentbit.median_run(relays)
+        result.details.setdefault("runs", []).extend(
+            dataclasses.asdict(run) | {"binary": str(binary)} for run in nulls + relays
+        )
+        result.add(f"{name}: tail -> null", null.events_per_second, "events/s",
+                   note=f"Fluent Bit {null.fluent_bit_cpu_s:.1f} CPU-s, "
+                   f"{null.fluent_bit_peak_rss / 2**20:.0f} MiB peak RSS")  # fmt: skip
+        result.add(f"{name}: tail -> auditrelay", relay.events_per_second, "events/s",
+                   note=f"Fluent Bit {relay.fluent_bit_cpu_s:.1f} CPU-s, "
+                   f"{relay.fluent_bit_peak_rss / 2**20:.0f} MiB peak RSS")  # fmt: skip
+        result.add(f"{name}: auditrelay / null", relay.events_per_second / null.events_per_second,
+                   "x", goal=">= 0.9", note=f"median of {args.repeat}, same file, same run")  # fmt: skip
+        result.add(f"{name}: sidecar CPU per event", relay.sidecar_cpu_s / relay.events * 1e6,
+                   "µs", note=f"peak RSS {relay.sidecar_peak_rss / 2**20:.0f} MiB")  # fmt: skip
+        result.add(f"{name}: emulator CPU", relay.emulator_cpu_s, "s")
+        result.add(f"{name}: rows stored / kept", relay.stored_rows, "rows",
+                   note=f"kept by the policy: {relay.expected_rows}")  # fmt: skip
+
+
 def suite_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--events", type=int, default=100_000, help="stages, cost, latency")
     parser.add_argument(
@@ -659,6 +731,10 @@ def suite_options(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--backlog-events", type=int, default=1_000_000, help="backlog corpus")
     parser.add_argument("--skip", nargs="*", default=[], help="benchmarks to leave out")
+    parser.add_argument(
+        "--fluent-bit", type=executable, action="append", default=[], metavar="PATH",
+        help="also run `fluent-bit` with these binaries (the suite skips it without one)",
+    )  # fmt: skip
 
 
 # (benchmark, corpus size: small | large | backlog, arguments, environment)
@@ -703,6 +779,14 @@ def run_all(args: argparse.Namespace, result: Result) -> None:
             completed.returncode,
             "exit code",
         )
+    if args.fluent_bit and "fluent-bit" not in args.skip:
+        argv = [sys.executable, "-m", "bench", "--results", str(args.results), "fluent-bit",
+                "--events", str(args.throughput_events)]  # fmt: skip
+        for binary in args.fluent_bit:
+            argv += ["--fluent-bit", str(binary)]
+        print("$", " ".join(argv[1:]), flush=True)
+        completed = subprocess.run(argv, check=False)
+        result.add(f"fluent-bit {args.throughput_events}", completed.returncode, "exit code")
 
 
 def report_options(parser: argparse.ArgumentParser) -> None:

@@ -6,6 +6,8 @@
 - ``config.PROPERTIES`` -> ``fluent-bit/internal/properties/properties_gen.go``, the plugin's list of
   keys to read from Fluent Bit and to declare in its config map, so that the list is written once;
   and the operator's table in ``docs/configuration.md``.
+- ``detections/*.yaml`` and ``stream.COLUMNS`` -> the workspace function and the alert-rule
+  templates in ``deploy/azure/`` (``detection_templates``).
 
 ``python -m auditrelay.codegen --out DIR`` writes the same files below DIR instead of the
 repository, which is how the staleness test compares them with what is checked in.
@@ -22,7 +24,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from auditrelay import detection_templates
 from auditrelay.config import PROPERTIES, Owner
+from auditrelay.detections import load_rules
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO_ROOT / "proto"
@@ -42,7 +46,11 @@ GENERATED_FILES = (
     GO_STUB_DIR / "relay_grpc.pb.go",
     GO_PROPERTIES_FILE,
     CONFIGURATION_DOC,
+    detection_templates.FUNCTION_FILE,
+    detection_templates.LOG_ALERTS_FILE,
+    detection_templates.SENTINEL_FILE,
 )
+DETECTIONS_DIR = REPO_ROOT / "detections"
 
 
 def _tool_path() -> str:
@@ -176,6 +184,15 @@ def generate(out_root: Path) -> list[Path]:
     doc = out_root / CONFIGURATION_DOC
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(render_configuration_doc())
+    rules = load_rules(DETECTIONS_DIR)
+    rendered = {
+        detection_templates.FUNCTION_FILE: detection_templates.render_function_template(),
+        detection_templates.LOG_ALERTS_FILE: detection_templates.render_log_alerts_template(rules),
+        detection_templates.SENTINEL_FILE: detection_templates.render_sentinel_template(rules),
+    }
+    for relative, text in rendered.items():
+        (out_root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (out_root / relative).write_text(text)
     gofmt = shutil.which("gofmt")
     if gofmt:
         subprocess.run([gofmt, "-w", str(go_properties)], check=True)

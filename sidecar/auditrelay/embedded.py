@@ -1,8 +1,9 @@
 """The bundled emulator as the destination of pipelines without an ``endpoint``.
 
-``serve`` and ``replay`` start it in their own process the first time a pipeline needs it
-(state under ``<state_dir>/emulator/``) and hand those pipelines a ``DeliverySink`` that
-delivers to it over real HTTPS with a real client-secret credential.
+``serve`` and ``replay`` start it the first time a pipeline needs it, as a child process of its
+own (``emulator_process``, state under ``<state_dir>/emulator/``), so that its work does not
+share their interpreter, and hand those pipelines a ``DeliverySink`` that delivers to it over
+real HTTPS with a real client-secret credential.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import structlog
 
 from auditrelay.config import PipelineSettings
 from auditrelay.deliver import Destination, secret_credential_factory
-from auditrelay.emulator import Emulator, EmulatorSettings
-from auditrelay.errors import AuditRelayError
+from auditrelay.emulator_process import EmulatorProcess
 from auditrelay.metrics import PipelineMetrics
 from auditrelay.model import DeadLetterSink
 from auditrelay.sink import DeliverySink
@@ -32,32 +32,28 @@ EMULATOR_CLIENT: Final = "auditrelay-sidecar"
 class EmbeddedEmulator:
     """The bundled emulator as the destination of pipelines without an ``endpoint``.
 
-    Runs in this process, started once, the first time a pipeline needs it; its CA, token
-    authority and a client secret of this process's own are what those pipelines use.
+    Runs in a child process (``emulator_process.EmulatorProcess``), started once, the first
+    time a pipeline needs it; its CA, token authority and a client secret of this process's own
+    are what those pipelines use.
     """
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
-        self._emulator: Emulator | None = None
+        self._emulator: EmulatorProcess | None = None
         self._lock = asyncio.Lock()
         self._secret = secrets.token_urlsafe(24)
 
     @property
-    def running(self) -> Emulator | None:
+    def running(self) -> EmulatorProcess | None:
         """The emulator once started."""
         return self._emulator
 
-    async def ensure_started(self) -> Emulator:
+    async def ensure_started(self) -> EmulatorProcess:
         """The running emulator, started on the first call."""
         async with self._lock:
             if self._emulator is None:
-                emulator = Emulator(EmulatorSettings(state_dir=self.state_dir))
-                try:
-                    await emulator.start()
-                except OSError as error:
-                    raise AuditRelayError(
-                        f"the bundled emulator could not start in {self.state_dir}: {error}"
-                    ) from error
+                emulator = EmulatorProcess(self.state_dir)
+                await emulator.start()
                 self._emulator = emulator
             return self._emulator
 
@@ -70,22 +66,22 @@ class EmbeddedEmulator:
         dead_letters: DeadLetterSink,
     ) -> DeliverySink:
         """A DeliverySink that delivers to the emulator with a real client-secret credential."""
-        emulator = await self.ensure_started()
+        info = (await self.ensure_started()).info
         destination = Destination(
-            endpoint=emulator.endpoint,
-            rule_id=emulator.dcr_id,
+            endpoint=info.endpoint,
+            rule_id=info.dcr_id,
             stream=settings.stream,
-            audience=emulator.settings.audience,
-            ca_file=emulator.ca_file,
+            audience=info.audience,
+            ca_file=info.ca_file,
         )
         credentials = secret_credential_factory(
-            emulator.authority_host, EMULATOR_TENANT, EMULATOR_CLIENT, self._secret
+            info.authority_host, EMULATOR_TENANT, EMULATOR_CLIENT, self._secret
         )
         log.info(
             "pipeline_delivers_to_emulator",
             pipeline=settings.instance_name,
-            endpoint=emulator.endpoint,
-            store=str(emulator.store.path),
+            endpoint=info.endpoint,
+            store=str(info.database),
             note="no endpoint is set: rows go to the bundled local emulator, not to Azure",
             ignored=settings.ignored_by_emulator,
         )

@@ -1,10 +1,13 @@
 """The filter stage: applies the audit policy to each recorded event.
 
 The API server already applied its own policy; this stage applies ours on top, and can only
-take away. For each event it rebuilds the request attributes the API server's checker saw (the
-authenticated user, never ``impersonatedUser``; no user when authentication failed; a create's
-name as its URL gave it, before the body filled it in; for a non-resource request the decoded path
-of ``requestURI``), asks the policy, and then:
+take away. For each event it rebuilds, from the event's header (``model.AuditEvent``), the
+request attributes the API server's checker saw: the authenticated user, never
+``impersonatedUser``; no user when authentication failed; for a resource request the namespace
+and, for a create, the name as kube-apiserver parsed them from the URL (``requestURI``), since it
+decides before the body fills ``objectRef`` in (a create of a cluster-scoped object whose body
+carries a namespace is decided without one, but recorded with it); for a non-resource request the
+decoded path of ``requestURI``. It asks the policy, and then:
 
 * level None, or a stage the decision omits: the event is dropped;
 * a level below the recorded one: the bodies that level does not carry are removed
@@ -14,17 +17,25 @@ of ``requestURI``), asks the policy, and then:
   objects, the items of lists and the rows of tables, but never from a patch body.
 
 An event from which nothing is removed is returned as the very same object, ``raw`` and all,
-so it can be shipped without serializing it again.
+so it can be shipped as the API server's bytes. An event decoded from JSON (``JsonEvent``) is
+lowered without parsing it: the new event is its header with fields left out or replaced, its
+JSON text the kept fields' own bytes; only a body that may hold ``managedFields`` is parsed, and
+only when ``omitManagedFields`` applies.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import unquote
 
-from auditrelay.model import AuditEvent
+import msgspec
+import orjson
+from msgspec import UNSET
+
+from auditrelay.model import AuditEvent, EventHeader, JsonEvent
 from auditrelay.policy import (
     CompiledPolicy,
     Decision,
@@ -36,7 +47,12 @@ from auditrelay.policy import (
 
 PATCH_ANNOTATION_PREFIX: Final = "patch.webhook.admission.k8s.io/"
 
-_RECORDED_LEVEL: Final = {level.text: level for level in Level}
+_RECORDED_LEVEL: Final[dict[object, Level]] = {level.text: level for level in Level}
+_PATCH_PREFIX_BYTES: Final = PATCH_ANNOTATION_PREFIX.encode()
+_MANAGED_FIELDS_BYTES: Final = b"managedFields"
+# A key spelled with \u escapes is the same key once decoded; the letters of managedFields
+# are ASCII, so their escapes start with \u00.
+_ESCAPE: Final = b"\\u00"
 
 
 @dataclass(slots=True)
@@ -64,113 +80,228 @@ class PolicyFilter:
         """A filter for the policy file at ``path``; raises PolicyError when it is invalid."""
         return cls(compile_policy(load_policy(path)))
 
-    def decide(self, fields: dict[str, Any]) -> Decision:
+    def decide(self, event: AuditEvent | dict[str, Any]) -> Decision:
         """The policy's decision for the request an event records."""
-        return self.policy.decide_parts(*_request_parts(fields))
+        return self.policy.decide_parts(*_header_parts(_header(event)))
 
     def apply(self, event: AuditEvent) -> AuditEvent | None:
         """The event as the policy keeps it, or None when the policy drops it."""
-        fields = event.fields
-        decision = self.policy.decide_parts(*_request_parts(fields))
+        header = event.header
+        decision = self.policy.decide_parts(*_header_parts(header))
         level = decision.level
-        stage = fields.get("stage")
-        if level is Level.NONE or (type(stage) is str and stage in decision.omit_stages):
+        if level is Level.NONE or header.stage in decision.omit_stages:
             self.counts.dropped += 1
             return None
-        recorded_text = fields.get("level")
-        recorded = (
-            _RECORDED_LEVEL.get(recorded_text, Level.REQUEST_RESPONSE)
-            if type(recorded_text) is str
-            else Level.REQUEST_RESPONSE
-        )
+        recorded = _RECORDED_LEVEL.get(header.level, Level.REQUEST_RESPONSE)
         omit_managed_fields = decision.omit_managed_fields
-        if level >= recorded and not omit_managed_fields:
+        if level >= recorded and (not omit_managed_fields or _without_bodies(header)):
             self.counts.kept += 1
             return event
-        lowered = _lower(fields, min(level, recorded), recorded, omit_managed_fields)
+        lowered = _lowered_event(event, min(level, recorded), recorded, omit_managed_fields)
         if lowered is None:
             self.counts.kept += 1
             return event
         self.counts.lowered += 1
-        return AuditEvent(fields=lowered, raw=None)
+        return lowered
 
 
-def request_attributes(fields: dict[str, Any]) -> RequestAttributes:
+def _without_bodies(header: EventHeader) -> bool:
+    """True for an event decoded from JSON that has neither body (no managed fields to omit)."""
+    return (
+        type(header) is JsonEvent
+        and header.requestObject is UNSET
+        and header.responseObject is UNSET
+    )
+
+
+def request_attributes(event: AuditEvent | dict[str, Any]) -> RequestAttributes:
     """The attributes the API server's policy checker saw for the request an event records."""
-    return RequestAttributes(*_request_parts(fields))
+    return RequestAttributes(*_header_parts(_header(event)))
 
 
-def _request_parts(
-    fields: dict[str, Any],
+def _header(event: AuditEvent | dict[str, Any]) -> EventHeader:
+    return event.header if isinstance(event, AuditEvent) else AuditEvent(event).header
+
+
+def _header_parts(
+    header: EventHeader,
 ) -> tuple[str | None, tuple[str, ...], str, str, str, str, str, str, str, bool]:
-    """The fields of a RequestAttributes, in order, read from an event without trusting it."""
-    user = fields.get("user")
+    """The fields of a RequestAttributes, in order, read from an event's header."""
+    user = header.user
     username: str | None = None
     groups: tuple[str, ...] = ()
-    if type(user) is dict:
-        name = user.get("username")
-        raw_groups = user.get("groups")
-        if type(raw_groups) is list:
-            groups = tuple(raw_groups)
-            try:
-                hash(groups)  # cheaper than checking each group; only unhashables would break
-            except TypeError:
-                groups = tuple(group for group in raw_groups if type(group) is str)
-        if type(name) is str and (name or groups):
+    if user is not UNSET:
+        name = user.username
+        if user.groups is not UNSET:
+            groups = tuple(user.groups)
+        if name is not UNSET and (name or groups):
             username = name
         elif groups:
             username = ""
-    verb = fields.get("verb")
-    if type(verb) is not str:
+    verb = header.verb
+    if verb is UNSET:
         verb = ""
-    ref = fields.get("objectRef")
-    if type(ref) is dict:
-        subresource = _text(ref, "subresource")
-        if verb == "create" and not subresource:
-            # The body fills a create's name in after the policy decision; the checker saw only
-            # the name in the URL, which a create normally has not.
-            name = _name_in_uri(fields.get("requestURI"))
-        else:
-            name = _text(ref, "name")
+    ref = header.objectRef
+    uri = header.requestURI
+    if ref is not UNSET:
+        subresource = ref.subresource or ""
+        namespace = ref.namespace or ""
+        name = ref.name or ""
+        create = verb == "create" and not subresource
+        # The checker saw the namespace and name the URL gave: the body fills a create's name
+        # in after the decision, and a body's namespace is copied into objectRef when the URL
+        # has none (audit.LogRequestObject), e.g. for a cluster-scoped object.
+        if create:
+            parsed = None if uri is UNSET else _namespace_and_name_in_uri(uri)
+            namespace, name = (namespace, "") if parsed is None else parsed
+        elif namespace and uri is not UNSET:
+            namespace = _namespace_in_uri(uri, namespace)
         return (
             username,
             groups,
             verb,
-            _text(ref, "namespace"),
-            _text(ref, "apiGroup"),
-            _text(ref, "resource"),
+            namespace,
+            ref.apiGroup or "",
+            ref.resource or "",
             subresource,
             name,
             "",
             True,
         )
-    uri = fields.get("requestURI")
-    path = uri.partition("?")[0] if type(uri) is str else ""
+    path = uri.partition("?")[0] if uri is not UNSET else ""
     if "%" in path:
         path = unquote(path)
     return (username, groups, verb, "", "", "", "", "", path, False)
 
 
-def _name_in_uri(uri: Any) -> str:
-    """The name kube-apiserver's RequestInfo parses from a resource URL (requestinfo.go)."""
-    if type(uri) is not str:
-        return ""
-    path = uri.partition("?")[0]
-    parts = unquote(path).strip("/").split("/")
-    if len(parts) < 3 or parts[0] not in ("api", "apis"):
-        return ""
-    parts = parts[2:] if parts[0] == "api" else parts[3:]  # prefix, [group,] version
-    if parts and parts[0] == "namespaces" and len(parts) > 2 and parts[2] not in _NS_SUBRESOURCES:
-        parts = parts[2:]
-    return parts[1] if len(parts) >= 2 else ""
-
-
+_SPECIAL_VERBS: Final = ("watch", "proxy")
 _NS_SUBRESOURCES: Final = frozenset({"status", "finalize"})
 
 
-def _text(mapping: dict[str, Any], key: str) -> str:
-    value = mapping.get(key)
-    return value if type(value) is str else ""
+def _namespace_in_uri(uri: str, namespace: str) -> str:
+    """The namespace kube-apiserver's RequestInfo parses from a resource URL, knowing that it is
+    either ``namespace`` (objectRef's) or none; the common URL forms are recognised at once."""
+    if uri.startswith(_CORE_PREFIX):
+        rest = uri[len(_CORE_PREFIX) :]
+    elif uri.startswith("/apis/"):
+        # /apis/<group>/<version>/namespaces/...: skip the group and the version.
+        version_end = uri.find("/", uri.find("/", 6) + 1)
+        rest = uri[version_end + 1 :] if version_end > 0 else ""
+        rest = rest[len("namespaces/") :] if rest.startswith("namespaces/") else ""
+    else:
+        rest = ""
+    if rest.startswith(namespace) and rest[len(namespace) : len(namespace) + 1] == "/":
+        return namespace  # .../namespaces/<namespace>/<something>: the URL's namespace
+    parsed = _namespace_and_name_in_uri(uri)
+    return namespace if parsed is None else parsed[0]
+
+
+_CORE_PREFIX: Final = "/api/v1/namespaces/"
+
+
+def _namespace_and_name_in_uri(uri: str) -> tuple[str, str] | None:
+    """The namespace and name kube-apiserver's RequestInfo parses from a resource URL
+    (requestinfo.go), or None when the URL is not a resource URL."""
+    path = uri.partition("?")[0]
+    if "%" in path:
+        path = unquote(path)
+    parts = path.strip("/").split("/")
+    if len(parts) < 3:
+        return None
+    prefix = parts[0]
+    if prefix == "api":
+        parts = parts[2:]  # prefix, version
+    elif prefix == "apis" and len(parts) >= 4:
+        parts = parts[3:]  # prefix, group, version
+    else:
+        return None
+    if parts[0] in _SPECIAL_VERBS:
+        if len(parts) < 2:
+            return None
+        parts = parts[1:]
+    namespace = ""
+    if parts[0] == "namespaces" and len(parts) > 1:
+        namespace = parts[1]
+        if len(parts) > 2 and parts[2] not in _NS_SUBRESOURCES:
+            parts = parts[2:]
+    return namespace, parts[1] if len(parts) >= 2 else ""
+
+
+def _lowered_event(
+    event: AuditEvent, level: Level, recorded: Level, omit_managed_fields: bool
+) -> AuditEvent | None:
+    """The event holding what ``level`` keeps, or None when that is everything."""
+    header = event.header
+    if type(header) is JsonEvent and event.raw is not None:
+        lowered = _lower_json(header, event.raw, level, recorded, omit_managed_fields)
+        if lowered is None:
+            return None
+        return AuditEvent(raw=msgspec.json.encode(lowered), header=lowered)
+    fields = _lower(event.fields, level, recorded, omit_managed_fields)
+    return None if fields is None else AuditEvent(fields)
+
+
+def _lower_json(
+    header: JsonEvent, line: bytes, level: Level, recorded: Level, omit_managed_fields: bool
+) -> JsonEvent | None:
+    """``_lower`` for an event decoded from JSON: the header with fields left out or replaced,
+    or None when nothing goes. Bodies stay the line's bytes unless managed fields leave them."""
+    changes: dict[str, Any] = {}
+    if level < recorded:
+        changes["level"] = level.text
+        if level < Level.REQUEST:
+            changes["requestObject"] = changes["responseObject"] = UNSET
+            annotations = header.annotations
+            if annotations is not UNSET:
+                text = bytes(annotations)
+                if _PATCH_PREFIX_BYTES in text or _ESCAPE in text:
+                    parsed = _parse(text)
+                    if type(parsed) is dict and any(
+                        key.startswith(PATCH_ANNOTATION_PREFIX) for key in parsed
+                    ):
+                        kept = {
+                            key: value
+                            for key, value in parsed.items()
+                            if not key.startswith(PATCH_ANNOTATION_PREFIX)
+                        }
+                        changes["annotations"] = msgspec.Raw(_dumps(kept))
+        elif level < Level.REQUEST_RESPONSE:
+            changes["responseObject"] = UNSET
+    if (
+        omit_managed_fields
+        and (header.requestObject is not UNSET or header.responseObject is not UNSET)
+        and (_MANAGED_FIELDS_BYTES in line or _ESCAPE in line)
+    ):
+        keys = ("responseObject",) if header.verb == "patch" else _OBJECT_KEYS
+        for key in keys:
+            body = getattr(header, key)
+            if body is UNSET or key in changes:
+                continue
+            text = bytes(body)
+            if _MANAGED_FIELDS_BYTES not in text and _ESCAPE not in text:
+                continue
+            parsed = _parse(text)
+            stripped = _without_managed_fields(parsed)
+            if stripped is not parsed:
+                changes[key] = msgspec.Raw(_dumps(stripped))
+    if not changes:
+        return None
+    return msgspec.structs.replace(header, **changes)
+
+
+def _parse(text: bytes) -> Any:
+    """JSON text to Python objects; integers beyond 64 bits too (orjson refuses them)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
+def _dumps(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # integers beyond 64 bits
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _lower(

@@ -21,9 +21,10 @@ Size rules (the service truncates field values above 64 KB on its own, which wou
 - a row still longer than ``MAX_ROW_BYTES`` after that has its largest fields replaced the same
   way (dynamic: marker with an empty head; string: cut to ``HEAD_BYTES``) until it fits.
 
-A row is serialized exactly once. When the event still has the API server's own JSON text
-(``AuditEvent.raw``) and every field fits, the extra columns are spliced into that text instead
-of serializing the event again.
+A row is serialized exactly once. When the event has its JSON text (``AuditEvent.raw``: the API
+server's own bytes, or a lowered event's rebuilt text) and every field fits, the extra columns
+are spliced into that text instead of serializing the event again; for an event decoded as a
+``model.JsonEvent`` that needs no look at its fields at all.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import orjson
+from msgspec import UNSET
 
-from auditrelay.model import AuditEvent
+from auditrelay.model import AuditEvent, EventHeader, JsonEvent
 
 TABLE_NAME: Final = "KubeAudit_CL"
 STREAM_NAME: Final = f"Custom-{TABLE_NAME}"
@@ -124,9 +126,10 @@ _TEXT_COLUMNS: Final = tuple(
 
 
 def _fits_columns(fields: Mapping[str, Any]) -> bool:
-    """Every key is an event column and every value fits its column's type (hot path: only
-    string and datetime columns constrain the value, dynamic ones take anything)."""
-    if not fields.keys() <= _EVENT_KEYS:
+    """Every key is an event column and every value fits its column's type (only string and
+    datetime columns constrain the value, dynamic ones take anything); an empty object needs
+    no comma before the spliced columns, so it does not fit."""
+    if not fields or not fields.keys() <= _EVENT_KEYS:
         return False
     get = fields.get
     for name in _TEXT_COLUMNS:  # noqa: SIM110 - a third faster than all() over a generator
@@ -139,6 +142,13 @@ def _time_generated(fields: Mapping[str, Any]) -> str:
     for name in _TIME_FIELDS:
         value = fields.get(name)
         if type(value) is str and value:
+            return value
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _header_time(header: EventHeader) -> str:
+    for value in (header.stageTimestamp, header.requestReceivedTimestamp, header.timestamp):
+        if value is not UNSET and value:
             return value
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
@@ -199,27 +209,27 @@ class RowEncoder:
         self.stats = EncodeStats()
 
     def encode(self, event: AuditEvent) -> bytes:
-        """One row: the API server's bytes with the extra columns spliced in when possible."""
+        """One row: the event's JSON text with the extra columns spliced in when possible."""
         raw = event.raw
-        fields = event.fields
+        header = event.header
         if (
             raw is not None
             and len(raw) <= MAX_FIELD_BYTES
             and raw[-1:] == b"}"
-            and fields  # an empty object would need no comma before the spliced columns
-            and _fits_columns(fields)
+            and (type(header) is JsonEvent or _fits_columns(event.fields))
         ):
+            # A JsonEvent has only column fields of the right types (its decode checked them).
             self.stats.spliced += 1
             return b"".join(
                 (
                     memoryview(raw)[:-1],
                     b',"TimeGenerated":',
-                    dumps(_time_generated(fields)),
+                    dumps(_header_time(header)),
                     self._suffix,
                 )
             )
         self.stats.reserialized += 1
-        return self.reserialize(fields)
+        return self.reserialize(event.fields)
 
     def reserialize(self, fields: Mapping[str, Any]) -> bytes:
         """One row built from the decoded fields, with the size rules applied."""

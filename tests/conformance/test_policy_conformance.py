@@ -17,8 +17,10 @@ from urllib.parse import quote
 
 import pytest
 import yaml
+from auditrelay.decode import Reason, decode_chunk
 from auditrelay.errors import PolicyError
 from auditrelay.filter import request_attributes
+from auditrelay.model import AuditEvent
 from auditrelay.policy import (
     STAGES,
     CompiledPolicy,
@@ -27,7 +29,7 @@ from auditrelay.policy import (
     compile_policy,
     parse_policy,
 )
-from fixtures.chunks import reference_policies, sample_lines
+from fixtures.chunks import chunk, raw_log_event, reference_policies, sample_lines
 from upstream_policycheck import Upstream, build_policycheck
 
 pytestmark = pytest.mark.timeout(900)  # the first test may build policycheck (about a minute)
@@ -256,16 +258,20 @@ def test_every_rule_of_generated_policies_is_reached(upstream: Upstream) -> None
     assert expected == deciding_kinds
 
 
-def _recorded_event(request: RequestAttributes) -> dict[str, Any]:
+def _recorded_event(request: RequestAttributes, body_namespace: str = "") -> dict[str, Any]:
     """The event kube-apiserver writes for ``request`` (LogRequestMetadata, LogRequestObject).
 
     A create without subresource gets the name of its body in objectRef, as the API server
-    fills it in after its policy decision.
+    fills it in after its policy decision. A create or update whose URL has no namespace but
+    whose body carries ``body_namespace`` (a client sending a namespace on a cluster-scoped
+    object) gets that namespace in objectRef: LogRequestObject copies it before the namespace is
+    cleared, after the decision was made without one.
     """
     event: dict[str, Any] = {
         "kind": "Event",
         "apiVersion": "audit.k8s.io/v1",
         "level": "RequestResponse",
+        "auditID": "00000000-0000-4000-8000-000000000000",
         "stage": "ResponseComplete",
         "verb": request.verb,
         "user": {},
@@ -287,8 +293,12 @@ def _recorded_event(request: RequestAttributes) -> dict[str, Any]:
     name = request.name
     if request.verb == "create" and not request.subresource and not name:
         name = "name-from-the-body"
+    namespace = request.namespace
+    if request.verb in ("create", "update") and not request.subresource and body_namespace:
+        event["requestObject"] = {"metadata": {"name": name, "namespace": body_namespace}}
+        namespace = namespace or body_namespace
     ref = {
-        "namespace": request.namespace,
+        "namespace": namespace,
         "apiGroup": request.api_group,
         "apiVersion": "v1",
         "resource": request.resource,
@@ -297,6 +307,13 @@ def _recorded_event(request: RequestAttributes) -> dict[str, Any]:
     }
     event["objectRef"] = {key: value for key, value in ref.items() if value}
     return event
+
+
+def _decoded(lines: list[bytes]) -> list[AuditEvent]:
+    """The events of ``lines`` through the sidecar's decode path (raw `log` records)."""
+    decoded = decode_chunk(chunk(raw_log_event(line) for line in lines))
+    assert [] == [letter.reason for letter in decoded.dead_letters]
+    return decoded.events
 
 
 def _recordable(request: RequestAttributes) -> RequestAttributes:
@@ -313,19 +330,40 @@ def _recordable(request: RequestAttributes) -> RequestAttributes:
     return request
 
 
+def _generated_recorded_requests(
+    rng: random.Random, count: int
+) -> list[tuple[RequestAttributes, dict[str, Any]]]:
+    """Recordable requests and the events kube-apiserver writes for them; a third of the
+    creates and updates without a namespace in the URL send one in the body."""
+    recorded = []
+    for _ in range(count):
+        request = _generated_request(rng)
+        if request.resource_request and rng.random() < 0.25:
+            verb = rng.choice(["create", "update"])
+            request = dataclasses.replace(request, verb=verb, namespace="", subresource="")
+        request = _recordable(request)
+        body_namespace = rng.choice(["", "", "team-a", "kube-system"])
+        recorded.append((request, _recorded_event(request, body_namespace)))
+    return recorded
+
+
 def test_generated_events_rebuild_the_attributes_upstream_decided_on(upstream: Upstream) -> None:
-    """Events recorded for generated requests rebuild those requests' attributes, and our
-    decision on the rebuilt attributes is upstream's decision on the original request."""
+    """Events recorded for generated requests, decoded by the sidecar's decode path, rebuild
+    those requests' attributes, and our decision on the rebuilt attributes is upstream's
+    decision on the original request."""
     rng = random.Random(4242)  # noqa: S311 - a reproducible corpus, not a secret
     rebuilt_wrong: list[str] = []
     disagreements: list[str] = []
+    body_namespaces = 0
     for _ in range(40):
         policy_text = json.dumps(_generated_policy(rng))
         compiled = compile_policy(parse_policy(policy_text))
         policy_id, _ = upstream.load(policy_text)
-        for _ in range(REQUESTS_PER_POLICY):
-            request = _recordable(_generated_request(rng))
-            rebuilt = request_attributes(_recorded_event(request))
+        recorded = _generated_recorded_requests(rng, REQUESTS_PER_POLICY)
+        events = _decoded([json.dumps(event).encode() for _, event in recorded])
+        for (request, event), decoded in zip(recorded, events, strict=True):
+            body_namespaces += "requestObject" in event and not request.namespace
+            rebuilt = request_attributes(decoded)
             if rebuilt != request:
                 rebuilt_wrong.append(f"{request} rebuilt as {rebuilt}")
             ours = _comparable(compiled.decide(rebuilt))
@@ -333,7 +371,71 @@ def test_generated_events_rebuild_the_attributes_upstream_decided_on(upstream: U
             if ours != theirs:
                 disagreements.append(f"{request} under {policy_text}: ours {ours}, {theirs}")
 
-    assert ([], []) == (rebuilt_wrong[:5], disagreements[:5])
+    assert ([], [], True) == (rebuilt_wrong[:5], disagreements[:5], 50 <= body_namespaces)
+
+
+def _escaped(text: str) -> str:
+    """``text`` as a JSON string with every character written as a \\u escape."""
+    return '"' + "".join(f"\\u{ord(character):04x}" for character in text) + '"'
+
+
+def _unusual_lines(event: dict[str, Any], rng: random.Random) -> list[bytes]:
+    """The same event written in ways kube-apiserver does not, but JSON allows: fields in
+    reverse order, a duplicate key whose first value is a decoy, the policy's fields spelled
+    with unicode escapes, and a body that makes the line longer than 1 MB."""
+    reversed_event = {key: event[key] for key in reversed(list(event))}
+    decoy = json.dumps(event)
+    decoy = '{"verb":"decoy","user":{"username":"decoy"},' + decoy[1:]
+    escaped = json.dumps({key: value for key, value in event.items() if key != "verb"})
+    escaped = escaped[:-1] + ',"verb":' + _escaped(event["verb"]) + "}"
+    for key in ("username", "namespace", "resource"):
+        value = event.get("user", {}).get(key) or event.get("objectRef", {}).get(key)
+        if value:
+            escaped = escaped.replace(f'"{key}": {json.dumps(value)}', f'"{key}":{_escaped(value)}')
+    big = dict(event)
+    big["responseObject"] = {"kind": "ConfigMap", "data": {"x": "y" * (1 << 20)}}
+    lines = [json.dumps(reversed_event), decoy, escaped, json.dumps(big)]
+    return [line.encode() for line in rng.sample(lines, len(lines))]
+
+
+def test_unusual_json_is_decided_as_upstream_decides(upstream: Upstream) -> None:
+    """Field order, duplicate keys (the last wins, as in kube-apiserver's decoding), unicode
+    escapes in the fields the policy reads and lines over 1 MB change no decision."""
+    rng = random.Random(77)  # noqa: S311 - a reproducible corpus, not a secret
+    disagreements: list[str] = []
+    lines_checked = 0
+    for _ in range(10):
+        policy_text = json.dumps(_generated_policy(rng))
+        compiled = compile_policy(parse_policy(policy_text))
+        policy_id, _ = upstream.load(policy_text)
+        for request, event in _generated_recorded_requests(rng, 10):
+            theirs = upstream.evaluate(policy_id, request.to_json())
+            for decoded in _decoded(_unusual_lines(event, rng)):
+                lines_checked += 1
+                rebuilt = request_attributes(decoded)
+                ours = _comparable(compiled.decide(rebuilt))
+                if (rebuilt, ours) != (request, theirs):
+                    disagreements.append(f"{request}: rebuilt {rebuilt}, ours {ours}, {theirs}")
+
+    assert 400 == lines_checked
+    assert [] == disagreements[:5]
+
+
+def test_numbers_where_the_policy_reads_text_are_set_aside() -> None:
+    """An event with a number where the policy reads text is counted and set aside, and the
+    good events around it in the same chunk are decided as usual."""
+    good = json.dumps(_recorded_event(RequestAttributes(user="u", verb="get", path="/x")))
+    bad = [
+        good.replace('"verb": "get"', '"verb": 7'),
+        good.replace('"username": "u"', '"username": 1'),
+        good.replace('"requestURI": "/x', '"requestURI": 5, "x": "'),
+    ]
+    lines = [good, *bad, good]
+
+    decoded = decode_chunk(chunk(raw_log_event(line.encode()) for line in lines))
+
+    assert 2 == len(decoded.events)
+    assert [Reason.WRONG_FIELD_TYPE] * 3 == [letter.reason for letter in decoded.dead_letters]
 
 
 TRAPS = [
@@ -372,20 +474,25 @@ def test_traps_agree_with_upstream(
     assert [] == _disagreements(upstream, json.dumps(policy), [request])
 
 
+def _shippable_sample_lines() -> list[bytes]:
+    """The real events the sidecar ships: the audit.k8s.io/v1 lines of the test data's log."""
+    return [line for line in sample_lines() if b'"apiVersion":"audit.k8s.io/v1' in line]
+
+
 @pytest.mark.parametrize("policy_path", REFERENCE_POLICIES, ids=lambda path: path.name)
 def test_sample_events_get_upstreams_decision_under_reference_policies(
     upstream: Upstream, policy_path: Path
 ) -> None:
     """Attributes rebuilt from real audit events are decided as kube-apiserver decides them."""
-    requests = [request_attributes(json.loads(line)) for line in sample_lines()]
+    requests = [request_attributes(event) for event in _decoded(_shippable_sample_lines())]
 
-    assert 100 < len(requests)
+    assert 80 < len(requests)
     assert [] == _disagreements(upstream, policy_path.read_text(), requests)
 
 
 def test_sample_events_get_upstreams_decision_under_bundled_policy(upstream: Upstream) -> None:
     """Our own policy decides the real events exactly as kube-apiserver would."""
-    requests = [request_attributes(json.loads(line)) for line in sample_lines()]
+    requests = [request_attributes(event) for event in _decoded(_shippable_sample_lines())]
 
     assert [] == _disagreements(upstream, BUNDLED_POLICY.read_text(), requests)
 

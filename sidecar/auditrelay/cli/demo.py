@@ -34,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import auditrelay
 from auditrelay.config import parse_duration
+from auditrelay.detections import BUNDLED_RULES, load_rules
 from auditrelay.emulator import Store, StoredRow
 from auditrelay.errors import ConfigError, PropertyProblem
 from auditrelay.flbproxy import PLUGIN_PATH, GoProxy, InitError, Level, Result
@@ -501,6 +502,29 @@ def _row_line(row: StoredRow) -> str:
     )
 
 
+def detections_report(rows: Sequence[StoredRow], store_dir: Path) -> tuple[str, int]:
+    """The bundled detection rules run over the stored rows: the alerts, as the operator reads
+    them, and how many there are."""
+    try:
+        from auditrelay.detect import add_rows, new_table, run_rules
+    except ImportError:
+        return "  detections: not run (pip install 'auditrelay[detect]' for the KQL engine)", 0
+    rules = load_rules(BUNDLED_RULES)
+    table = new_table()
+    add_rows(table, (row.row for row in rows if row.row is not None))
+    alerts = [alert for found in run_rules(table, rules).values() for alert in found]
+    fired = len({alert.rule.slug for alert in alerts})
+    lines = [
+        f"  detections:     {len(alerts)} alert(s) from {fired} of {len(rules)} rules (docs/detections.md)"
+    ]
+    for alert in alerts:
+        ids = alert.audit_ids
+        lines.append(f"    {alert.rule.severity:<13} {alert.rule.slug}: {alert.entities_text()}")
+        lines.append(f"    {'':13} evidence: {len(ids)} auditID(s), {', '.join(ids[:2])}")
+    lines.append(f"  alerts again:   auditrelay detect --emulator-state-dir {store_dir}")
+    return "\n".join(lines), len(alerts)
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs the demo and prints what arrived; 1 when a kept event did not arrive."""
     audit_log = read_audit_logs(args.audit_log or BUNDLED_LOGS)
@@ -510,8 +534,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"auditrelay demo: {error}", file=sys.stderr)
         return 1
     print(report(summary, rows, args.rows))
+    alerts_text, alerts = detections_report(rows, Path(summary.emulator_store).parent)
+    print()
+    print(alerts_text)
     if args.summary_json is not None:
-        document = asdict(summary) | {"bytes_saved": summary.bytes_saved}
+        document = asdict(summary) | {"bytes_saved": summary.bytes_saved, "alerts": alerts}
         args.summary_json.write_text(json.dumps(document, indent=2) + "\n")
     delivered_all = summary.events_delivered + summary.events_dead_lettered >= summary.events_kept
     return 0 if delivered_all else 1
