@@ -185,7 +185,7 @@ def test_pipeline_compares_both_readings_of_the_size_limit(tmp_path: Path) -> No
     the second costs exactly one 413 and ends with the 1 MiB bound, the first none, and the
     check after the last run finds every kept event once."""
     result = run_bench(
-        "pipeline", "--events", "2000", "--emulator-cpu", "any", "--cpu", "any",
+        "pipeline", "--events", "6000", "--emulator-cpu", "any", "--cpu", "any",
         "--limits", "both", "--check", "--corpora", str(tmp_path), results=tmp_path / "r",
     )  # fmt: skip
     measured = figures(result)

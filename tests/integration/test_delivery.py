@@ -427,7 +427,7 @@ async def test_a_400_sets_aside_only_the_refused_row(
     and dead-lettered with the service's message; all other rows arrive, once each, under
     either reading of the size limit (under the uncompressed one a 413 comes first)."""
     emulator = either_emulator
-    events = fresh_events(1500, "bisect")
+    events = fresh_events(3000, "bisect")
     bad_raw = b'{"auditID":"bad-one","annotations":NaN}'
     bad = AuditEvent({"auditID": "bad-one", "annotations": float("nan")}, bad_raw)
     letters = Letters()

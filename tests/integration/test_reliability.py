@@ -390,13 +390,13 @@ def test_two_pipelines_under_either_reading_of_the_size_limit(
     with emulator_running(workdir / "emulator", max_raw_bytes=limits.max_raw_bytes) as emulator:
         sidecar = make_sidecar()
         outputs = [
-            fluent_bit(proxy, sidecar, emulator, cluster_name=f"c{n}", batch_interval="500ms")
+            fluent_bit(proxy, sidecar, emulator, cluster_name=f"c{n}", batch_interval="5s")
             for n in range(2)
         ]
         chunks = Chunks(f"reading-{limits.value}")
         for _ in range(8):
             for output in outputs:
-                output.send(chunks.make(events=250))
+                output.send(chunks.make(events=750))
 
         assert 0 == assert_all_arrive(emulator, chunks.sent)
         requests = emulator.store.requests()

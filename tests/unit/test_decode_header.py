@@ -29,7 +29,12 @@ from fixtures.chunks import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-REFERENCE_POLICIES = sorted((REPO.parent / "shared" / "data" / "reference-policies").glob("*.yaml"))
+REFERENCE_POLICIES = sorted((REPO / "tests" / "data" / "reference-policies").glob("*.yaml"))
+
+
+def test_reference_policies_are_in_the_checkout() -> None:
+    """The header path is compared under real clusters' policies, not only the bundled one."""
+    assert len(REFERENCE_POLICIES) >= 5, "tests/data/reference-policies is missing its policies"
 
 
 def _one(line: bytes) -> AuditEvent:
@@ -52,13 +57,25 @@ def _shippable_sample_lines() -> list[bytes]:
 
 
 def test_sample_events_take_the_header_path() -> None:
-    """The real events are decoded header-only, and keep the API server's bytes."""
+    """The real events are decoded header-only and keep the API server's bytes; only an event
+    with a top-level field the stream has no column for (kube-apiserver 1.35+ writes
+    ``authenticationMetadata`` for constrained impersonation) takes the whole parse, whose row
+    keeps that field in AdditionalFields."""
     lines = _shippable_sample_lines()
     events = decode_chunk(chunk(raw_log_event(line) for line in lines)).events
+    columns = set(JsonEvent.__struct_fields__)
+    outside_columns = [set(orjson.loads(line)) - columns for line in lines]
 
     assert 80 < len(lines)
-    assert {JsonEvent} == {type(event.header) for event in events}
+    assert [not extra for extra in outside_columns] == [
+        type(event.header) is JsonEvent for event in events
+    ]
+    assert any(outside_columns), "the real log should hold an event with a field beyond the columns"
     assert lines == [event.raw for event in events]
+    encoder = RowEncoder("c", "id")
+    for extra, event in zip(outside_columns, events, strict=True):
+        if extra:
+            assert extra == set(orjson.loads(encoder.encode(event))["AdditionalFields"])
 
 
 @pytest.mark.parametrize(
