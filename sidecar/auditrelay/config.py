@@ -19,9 +19,9 @@ import enum
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from auditrelay.errors import ConfigError, PropertyProblem
@@ -483,27 +483,69 @@ class LogFormat(enum.Enum):
     CONSOLE = "console"
 
 
+def _setting(default: Any, help_text: str) -> Any:
+    """A ServerSettings field: its default and the help text of its flag and of the docs."""
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
-    """The sidecar process's own settings (flags, or AUDITRELAY_<FIELD> in the environment)."""
+    """The sidecar process's own settings (flags, or AUDITRELAY_<FIELD> in the environment).
 
-    listen: str = "unix:///run/auditrelay/relay.sock"  # unix:///path.sock or host:port (TLS)
-    tls_cert: Path | None = None  # server certificate, required for a TCP listen address
-    tls_key: Path | None = None  # its private key
-    tls_client_ca: Path | None = None  # when set, clients must present a certificate it signed
-    state_dir: Path = Path("/var/lib/auditrelay")  # spools, dead letters, the emulator's CA
-    metrics_address: str = "127.0.0.1:2021"  # host:port of /metrics, /healthz and /readyz
-    log_format: LogFormat = LogFormat.AUTO
-    log_level: str = "info"
-    max_chunk_bytes: int = 64 << 20  # the largest Push accepted; Fluent Bit chunks are ~2 MB
-    orphan_after: float = 60.0  # seconds after start that a spool no pipeline claimed is an orphan
+    Each field's type, default and help text are declared here once: ``auditrelay serve``'s flags
+    and ``--help``, and the process table of docs/configuration.md, are made from them.
+    """
+
+    listen: str = _setting(
+        "unix:///run/auditrelay/relay.sock",
+        "where the plugin connects: unix:///path.sock or host:port (TLS)",
+    )
+    tls_cert: Path | None = _setting(None, "server certificate, required for a TCP listen address")
+    tls_key: Path | None = _setting(None, "private key of the server certificate")
+    tls_client_ca: Path | None = _setting(
+        None, "when set, clients must present a certificate this CA signed"
+    )
+    state_dir: Path = _setting(
+        Path("/var/lib/auditrelay"), "spools, dead letters and the emulator's CA live here"
+    )
+    metrics_address: str = _setting("127.0.0.1:2021", "host:port of /metrics, /healthz and /readyz")
+    log_format: LogFormat = _setting(
+        LogFormat.AUTO, "json for collectors, console for people, auto picks by the terminal"
+    )
+    log_level: str = _setting("info", "debug, info, warning, error or critical")
+    max_chunk_bytes: int = _setting(
+        64 << 20, "the largest Push accepted; Fluent Bit chunks are about 2 MB"
+    )
+    orphan_after: float = _setting(
+        60.0, "seconds after start that a spool no pipeline claimed is reported as orphaned"
+    )
+
+    NOT_SET: ClassVar[str] = "(not set)"
 
     @staticmethod
     def env_name(field_name: str) -> str:
         """The environment variable that sets a field: AUDITRELAY_<FIELD>."""
         return f"AUDITRELAY_{field_name.upper()}"
 
+    @staticmethod
+    def flag(field_name: str) -> str:
+        """The ``auditrelay serve`` flag that sets a field: --<field-with-dashes>."""
+        return "--" + field_name.replace("_", "-")
+
     @classmethod
     def field_names(cls) -> list[str]:
         """Every setting's name, in declaration order."""
         return [item.name for item in fields(cls)]
+
+    @classmethod
+    def help_text(cls, field_name: str) -> str:
+        """What a setting is for, as declared beside it."""
+        return str(next(item for item in fields(cls) if item.name == field_name).metadata["help"])
+
+    @classmethod
+    def default_text(cls, field_name: str) -> str:
+        """A setting's default as a user would write it."""
+        default = next(item for item in fields(cls) if item.name == field_name).default
+        if isinstance(default, enum.Enum):
+            return str(default.value)
+        return ServerSettings.NOT_SET if default is None else str(default)
