@@ -342,7 +342,11 @@ AZURE_ONLY_PROPERTIES = (
 
 @dataclass(frozen=True, slots=True)
 class PipelineSettings:
-    """Everything one pipeline needs, parsed and checked. Units: seconds and bytes."""
+    """Everything one pipeline needs, parsed and checked. Units: seconds and bytes.
+
+    One field per pipeline property of ``PROPERTIES`` (its parsed value; the name, default, help
+    and parser are declared there), plus ``instance_name`` and the cloud's ``audience``.
+    """
 
     instance_name: str
     endpoint: str | None
@@ -400,34 +404,16 @@ class PipelineSettings:
         if problems:
             raise ConfigError(problems)
         cloud: Cloud = values["cloud"]
-        return cls(
-            instance_name=instance_name,
-            endpoint=values["endpoint"],
-            endpoint_ca=values["endpoint_ca"],
-            dcr_id=values["dcr_id"],
-            stream=values["stream"],
-            auth=values["auth"],
-            cloud=cloud,
-            authority_host=values["authority_host"] or CLOUD_AUTHORITY[cloud],
-            audience=CLOUD_AUDIENCE[cloud],
-            tenant_id=values["tenant_id"],
-            client_id=values["client_id"],
-            client_secret=values["client_secret"],
-            client_certificate=values["client_certificate"],
-            federated_token_file=values["federated_token_file"],
-            cluster_name=values["cluster_name"] or "",
-            cluster_id=values["cluster_id"] or "",
-            policy=values["policy"] or BUNDLED_POLICY,
-            compression_level=values["compression_level"],
-            max_request_raw_bytes=values["max_request_raw_bytes"],
-            batch_interval=values["batch_interval"],
-            max_concurrency=values["max_concurrency"],
-            request_timeout=values["request_timeout"],
-            spool_limit=values["spool_limit"],
-            spool_sync=values["spool_sync"],
-            spool_sync_interval=values["spool_sync_interval"],
-            not_ready_after=values["not_ready_after"],
-        )
+        derived = {
+            "instance_name": instance_name,
+            "authority_host": values["authority_host"] or CLOUD_AUTHORITY[cloud],
+            "audience": CLOUD_AUDIENCE[cloud],
+            "cluster_name": values["cluster_name"] or "",
+            "cluster_id": values["cluster_id"] or "",
+            "policy": values["policy"] or BUNDLED_POLICY,
+        }
+        # Every pipeline property is a field of the same name (a test holds them in step).
+        return cls(**{**values, **derived})
 
 
 def _parse_all(properties: Mapping[str, str]) -> tuple[dict[str, Any], list[PropertyProblem]]:
