@@ -20,8 +20,8 @@ install: ## Install the Python package (editable, with dev tools), the Kusto par
 	$(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
 
 .PHONY: generate
-generate: ## Regenerate the protobuf stubs (Python, Go) and the plugin's property list
-	PATH="$(GOBIN):$$PATH" $(PYTHON) -m auditrelay.codegen
+generate: ## Regenerate every generated file: stubs, property list, docs tables, ARM templates, Helm schema
+	PATH="$(GOBIN):$$PATH" PYTHONPATH=sidecar:. $(PYTHON) -m tools.generate
 
 .PHONY: plugin
 plugin: $(PLUGIN) ## Build the Fluent Bit output plugin out_auditrelay.so
@@ -34,7 +34,7 @@ lint: ## Lint and type-check everything (ruff, mypy --strict, import-linter, go 
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m mypy
-	lint-imports
+	PYTHONPATH=sidecar lint-imports
 	cd fluent-bit && $(GO) vet ./...
 	cd tests/conformance && $(GO) vet ./...
 	cd tests/controlplane && $(GO) vet ./etcd ./loadgen

@@ -28,7 +28,7 @@ STAGES = {
     "auditrelay/decode.py": "decode (chunk framing, msgspec header)",
     "auditrelay/model.py": "decode (chunk framing, msgspec header)",
     "auditrelay/filter.py": "filter (audit policy)",
-    "auditrelay/policy.py": "filter (audit policy)",
+    "auditrelay/policy/": "filter (audit policy)",
     "auditrelay/stream.py": "rows (stream.RowEncoder)",
     "auditrelay/spool.py": "spool (write, fsync, read)",
     "auditrelay/batch.py": "batch (join + gzip)",

@@ -16,15 +16,33 @@ them to the plugin.
 from __future__ import annotations
 
 import enum
-import os
-import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, ClassVar
 
 from auditrelay.errors import ConfigError, PropertyProblem
+from auditrelay.property_values import (
+    choice,
+    int_range,
+    parse_dcr_id,
+    parse_https_url,
+    parse_readable_file,
+    parse_sidecar_address,
+    parse_stream,
+    parse_text,
+    positive,
+    size_range,
+)
+from auditrelay.property_values import (
+    parse_bool as parse_bool,
+)
+from auditrelay.property_values import (
+    parse_duration as parse_duration,
+)
+from auditrelay.property_values import (
+    parse_size as parse_size,
+)
 
 BUNDLED_POLICY = Path(__file__).parent / "data" / "audit_policy.yaml"
 
@@ -73,151 +91,6 @@ class SpoolSync(enum.Enum):
     INTERVAL = "interval"  # fsync every spool_sync_interval: a power loss may lose that interval
 
 
-# --- value parsers: each returns the parsed value or raises ValueError(expected) -------------
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", re.IGNORECASE)
-_DURATION_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
-_SIZE_UNIT = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-_DCR_ID = re.compile(r"^dcr-[0-9a-f]{32}$")
-_STREAM = re.compile(r"^Custom-[A-Za-z][A-Za-z0-9_]{0,44}$")
-
-
-def parse_duration(text: str) -> float:
-    """'500ms', '5s', '2m', '1h' or plain seconds, to seconds."""
-    match = _DURATION.match(text)
-    if not match:
-        raise ValueError("a duration such as 500ms, 5s, 2m or 1h")
-    return float(match.group(1)) * _DURATION_UNIT[(match.group(2) or "s").lower()]
-
-
-def parse_size(text: str) -> int:
-    """'1048576', '512k', '64M', '2G' (binary units), to bytes."""
-    match = _SIZE.match(text)
-    if not match:
-        raise ValueError("a size such as 512k, 64M or 2G")
-    return int(match.group(1)) * _SIZE_UNIT[(match.group(2) or "")[:1].lower()]
-
-
-def parse_bool(text: str) -> bool:
-    """Fluent Bit's boolean spellings."""
-    lowered = text.strip().lower()
-    if lowered in ("on", "true", "yes", "1"):
-        return True
-    if lowered in ("off", "false", "no", "0"):
-        return False
-    raise ValueError("on or off")
-
-
-def _choice(enum_type: type[enum.Enum]) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            return enum_type(text.strip().lower())
-        except ValueError:
-            allowed = ", ".join(str(member.value) for member in enum_type)
-            raise ValueError(f"one of: {allowed}") from None
-
-    return parse
-
-
-def _int_range(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text.strip())
-        except ValueError:
-            raise ValueError(f"an integer from {low} to {high}") from None
-        if not low <= value <= high:
-            raise ValueError(f"an integer from {low} to {high}")
-        return value
-
-    return parse
-
-
-def _positive(parse: Callable[[str], Any], what: str) -> Callable[[str], Any]:
-    def parse_positive(text: str) -> Any:
-        value = parse(text)
-        if value <= 0:
-            raise ValueError(f"a positive {what}")
-        return value
-
-    return parse_positive
-
-
-def _size_range(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        expected = f"a size from {_size_text(low)} to {_size_text(high)}, such as 1M"
-        try:
-            value = parse_size(text)
-        except ValueError:
-            raise ValueError(expected) from None
-        if not low <= value <= high:
-            raise ValueError(expected)
-        return value
-
-    return parse
-
-
-def _size_text(size: int) -> str:
-    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if size % scale == 0:
-            return f"{size // scale}{unit}"
-    return str(size)
-
-
-def parse_https_url(text: str) -> str:
-    """An https URL with a host, returned without a trailing slash."""
-    parts = urlsplit(text.strip())
-    if parts.scheme != "https" or not parts.hostname:
-        raise ValueError(
-            "an https:// URL such as https://my-dce.westeurope-1.ingest.monitor.azure.com"
-        )
-    return text.strip().rstrip("/")
-
-
-def parse_dcr_id(text: str) -> str:
-    """A data collection rule's immutable id."""
-    if not _DCR_ID.match(text.strip()):
-        raise ValueError("the rule's immutable id: dcr- followed by 32 hex digits")
-    return text.strip()
-
-
-def parse_stream(text: str) -> str:
-    """A custom stream name of the data collection rule."""
-    if not _STREAM.match(text.strip()):
-        raise ValueError(
-            "a custom stream name: Custom- followed by a letter and up to 44 letters, digits or _"
-        )
-    return text.strip()
-
-
-def parse_readable_file(text: str) -> Path:
-    """A path to a file this process can read."""
-    path = Path(text.strip())
-    if not path.is_file() or not os.access(path, os.R_OK):
-        raise ValueError("a path to a readable file")
-    return path
-
-
-def parse_text(text: str) -> str:
-    """Any non-empty text."""
-    if not text.strip():
-        raise ValueError("a non-empty value")
-    return text.strip()
-
-
-def parse_sidecar_address(text: str) -> str:
-    """unix:///absolute/path or host:port."""
-    value = text.strip()
-    if value.startswith("unix://"):
-        if not value[len("unix://") :].startswith("/"):
-            raise ValueError("unix:///absolute/path.sock or host:port")
-        return value
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError("unix:///absolute/path.sock or host:port")
-    return value
-
-
 # --- the property table -----------------------------------------------------------------------
 
 
@@ -250,10 +123,10 @@ PROPERTIES: tuple[Property, ...] = (
              "Private key of sidecar_tls_cert.", None, parse_readable_file),
     Property("sidecar_timeout", Owner.PLUGIN,
              "Hard deadline of one Push; a flush that takes longer is retried by Fluent Bit.",
-             "2s", _positive(parse_duration, "duration")),
+             "2s", positive(parse_duration, "duration")),
     Property("sidecar_wait", Owner.PLUGIN,
              "How long init waits for the sidecar to come up before Fluent Bit gives up.",
-             "30s", _positive(parse_duration, "duration")),
+             "30s", positive(parse_duration, "duration")),
     # The pipeline's: where the events go.
     Property("endpoint", Owner.PIPELINE,
              "Logs ingestion endpoint of the DCR or its DCE. Unset: the bundled local emulator, "
@@ -272,10 +145,10 @@ PROPERTIES: tuple[Property, ...] = (
     Property("auth", Owner.PIPELINE,
              "How to get tokens: workload_identity, managed_identity, client_secret, "
              "client_certificate or default (DefaultAzureCredential).",
-             "workload_identity", _choice(Auth)),
+             "workload_identity", choice(Auth)),
     Property("cloud", Owner.PIPELINE,
              "Azure cloud: public, usgov or china; sets the token authority and audience.",
-             "public", _choice(Cloud)),
+             "public", choice(Cloud)),
     Property("authority_host", Owner.PIPELINE,
              "Overrides the Microsoft Entra authority of the cloud (https URL).",
              None, parse_https_url),
@@ -299,30 +172,30 @@ PROPERTIES: tuple[Property, ...] = (
              "Audit policy file applied to every event (default: the bundled Defender policy).",
              None, parse_readable_file),
     Property("compression_level", Owner.PIPELINE,
-             "gzip level of request bodies, 1 (fastest) to 9 (smallest).", "1", _int_range(1, 9)),
+             "gzip level of request bodies, 1 (fastest) to 9 (smallest).", "1", int_range(1, 9)),
     Property("max_request_raw_bytes", Owner.PIPELINE,
              "Largest uncompressed body of one request (64K to 32M). The wire size stays under "
              "1 MiB whatever this says; after a 413 that only the uncompressed size explains, "
              "the pipeline lowers it to 1M by itself (docs/azure.md, Requests).",
-             "32M", _size_range(64 << 10, 32 << 20)),
+             "32M", size_range(64 << 10, 32 << 20)),
     Property("batch_interval", Owner.PIPELINE,
              "Longest time a row waits for its batch to fill before it is sent.",
-             "1s", _positive(parse_duration, "duration")),
+             "1s", positive(parse_duration, "duration")),
     Property("max_concurrency", Owner.PIPELINE,
-             "Requests in flight to the endpoint at once.", "2", _int_range(1, 64)),
+             "Requests in flight to the endpoint at once.", "2", int_range(1, 64)),
     Property("request_timeout", Owner.PIPELINE,
-             "Deadline of one request to the endpoint.", "30s", _positive(parse_duration, "duration")),
+             "Deadline of one request to the endpoint.", "30s", positive(parse_duration, "duration")),
     Property("spool_limit", Owner.PIPELINE,
              "Disk the pipeline's spool may use; when full, Fluent Bit is asked to retry later.",
-             "1G", _positive(parse_size, "size")),
+             "1G", positive(parse_size, "size")),
     Property("spool_sync", Owner.PIPELINE,
              "always: fsync before acknowledging a chunk; interval: every spool_sync_interval "
-             "(a power loss may lose that interval).", "always", _choice(SpoolSync)),
+             "(a power loss may lose that interval).", "always", choice(SpoolSync)),
     Property("spool_sync_interval", Owner.PIPELINE,
-             "fsync period when spool_sync is interval.", "1s", _positive(parse_duration, "duration")),
+             "fsync period when spool_sync is interval.", "1s", positive(parse_duration, "duration")),
     Property("not_ready_after", Owner.PIPELINE,
              "How long delivery may fail before /readyz reports not ready.",
-             "5m", _positive(parse_duration, "duration")),
+             "5m", positive(parse_duration, "duration")),
 )  # fmt: skip
 
 PROPERTY_BY_NAME: dict[str, Property] = {prop.name: prop for prop in PROPERTIES}
@@ -342,7 +215,11 @@ AZURE_ONLY_PROPERTIES = (
 
 @dataclass(frozen=True, slots=True)
 class PipelineSettings:
-    """Everything one pipeline needs, parsed and checked. Units: seconds and bytes."""
+    """Everything one pipeline needs, parsed and checked. Units: seconds and bytes.
+
+    One field per pipeline property of ``PROPERTIES`` (its parsed value; the name, default, help
+    and parser are declared there), plus ``instance_name`` and the cloud's ``audience``.
+    """
 
     instance_name: str
     endpoint: str | None
@@ -400,34 +277,16 @@ class PipelineSettings:
         if problems:
             raise ConfigError(problems)
         cloud: Cloud = values["cloud"]
-        return cls(
-            instance_name=instance_name,
-            endpoint=values["endpoint"],
-            endpoint_ca=values["endpoint_ca"],
-            dcr_id=values["dcr_id"],
-            stream=values["stream"],
-            auth=values["auth"],
-            cloud=cloud,
-            authority_host=values["authority_host"] or CLOUD_AUTHORITY[cloud],
-            audience=CLOUD_AUDIENCE[cloud],
-            tenant_id=values["tenant_id"],
-            client_id=values["client_id"],
-            client_secret=values["client_secret"],
-            client_certificate=values["client_certificate"],
-            federated_token_file=values["federated_token_file"],
-            cluster_name=values["cluster_name"] or "",
-            cluster_id=values["cluster_id"] or "",
-            policy=values["policy"] or BUNDLED_POLICY,
-            compression_level=values["compression_level"],
-            max_request_raw_bytes=values["max_request_raw_bytes"],
-            batch_interval=values["batch_interval"],
-            max_concurrency=values["max_concurrency"],
-            request_timeout=values["request_timeout"],
-            spool_limit=values["spool_limit"],
-            spool_sync=values["spool_sync"],
-            spool_sync_interval=values["spool_sync_interval"],
-            not_ready_after=values["not_ready_after"],
-        )
+        derived = {
+            "instance_name": instance_name,
+            "authority_host": values["authority_host"] or CLOUD_AUTHORITY[cloud],
+            "audience": CLOUD_AUDIENCE[cloud],
+            "cluster_name": values["cluster_name"] or "",
+            "cluster_id": values["cluster_id"] or "",
+            "policy": values["policy"] or BUNDLED_POLICY,
+        }
+        # Every pipeline property is a field of the same name (a test holds them in step).
+        return cls(**{**values, **derived})
 
 
 def _parse_all(properties: Mapping[str, str]) -> tuple[dict[str, Any], list[PropertyProblem]]:
@@ -483,27 +342,69 @@ class LogFormat(enum.Enum):
     CONSOLE = "console"
 
 
+def _setting(default: Any, help_text: str) -> Any:
+    """A ServerSettings field: its default and the help text of its flag and of the docs."""
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
-    """The sidecar process's own settings (flags, or AUDITRELAY_<FIELD> in the environment)."""
+    """The sidecar process's own settings (flags, or AUDITRELAY_<FIELD> in the environment).
 
-    listen: str = "unix:///run/auditrelay/relay.sock"  # unix:///path.sock or host:port (TLS)
-    tls_cert: Path | None = None  # server certificate, required for a TCP listen address
-    tls_key: Path | None = None  # its private key
-    tls_client_ca: Path | None = None  # when set, clients must present a certificate it signed
-    state_dir: Path = Path("/var/lib/auditrelay")  # spools, dead letters, the emulator's CA
-    metrics_address: str = "127.0.0.1:2021"  # host:port of /metrics, /healthz and /readyz
-    log_format: LogFormat = LogFormat.AUTO
-    log_level: str = "info"
-    max_chunk_bytes: int = 64 << 20  # the largest Push accepted; Fluent Bit chunks are ~2 MB
-    orphan_after: float = 60.0  # seconds after start that a spool no pipeline claimed is an orphan
+    Each field's type, default and help text are declared here once: ``auditrelay serve``'s flags
+    and ``--help``, and the process table of docs/configuration.md, are made from them.
+    """
+
+    listen: str = _setting(
+        "unix:///run/auditrelay/relay.sock",
+        "where the plugin connects: unix:///path.sock or host:port (TLS)",
+    )
+    tls_cert: Path | None = _setting(None, "server certificate, required for a TCP listen address")
+    tls_key: Path | None = _setting(None, "private key of the server certificate")
+    tls_client_ca: Path | None = _setting(
+        None, "when set, clients must present a certificate this CA signed"
+    )
+    state_dir: Path = _setting(
+        Path("/var/lib/auditrelay"), "spools, dead letters and the emulator's CA live here"
+    )
+    metrics_address: str = _setting("127.0.0.1:2021", "host:port of /metrics, /healthz and /readyz")
+    log_format: LogFormat = _setting(
+        LogFormat.AUTO, "json for collectors, console for people, auto picks by the terminal"
+    )
+    log_level: str = _setting("info", "debug, info, warning, error or critical")
+    max_chunk_bytes: int = _setting(
+        64 << 20, "the largest Push accepted; Fluent Bit chunks are about 2 MB"
+    )
+    orphan_after: float = _setting(
+        60.0, "seconds after start that a spool no pipeline claimed is reported as orphaned"
+    )
+
+    NOT_SET: ClassVar[str] = "(not set)"
 
     @staticmethod
     def env_name(field_name: str) -> str:
         """The environment variable that sets a field: AUDITRELAY_<FIELD>."""
         return f"AUDITRELAY_{field_name.upper()}"
 
+    @staticmethod
+    def flag(field_name: str) -> str:
+        """The ``auditrelay serve`` flag that sets a field: --<field-with-dashes>."""
+        return "--" + field_name.replace("_", "-")
+
     @classmethod
     def field_names(cls) -> list[str]:
         """Every setting's name, in declaration order."""
         return [item.name for item in fields(cls)]
+
+    @classmethod
+    def help_text(cls, field_name: str) -> str:
+        """What a setting is for, as declared beside it."""
+        return str(next(item for item in fields(cls) if item.name == field_name).metadata["help"])
+
+    @classmethod
+    def default_text(cls, field_name: str) -> str:
+        """A setting's default as a user would write it."""
+        default = next(item for item in fields(cls) if item.name == field_name).default
+        if isinstance(default, enum.Enum):
+            return str(default.value)
+        return ServerSettings.NOT_SET if default is None else str(default)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from auditrelay.cli import build_parser
 from auditrelay.cli.serve import settings_from
-from auditrelay.config import LogFormat, PipelineSettings, ServerSettings
+from auditrelay.config import PROPERTIES, LogFormat, Owner, PipelineSettings, ServerSettings
 from auditrelay.errors import ConfigError
 
 
@@ -102,6 +102,15 @@ class TestPipelineProperties:
 
         assert "Custom-KubeAudit_CL" == settings.stream
 
+    def test_each_pipeline_property_is_a_settings_field(self) -> None:
+        """A property declared in PROPERTIES reaches the pipeline under its own name; the only
+        other fields are the instance and what the cloud implies."""
+        declared = {prop.name for prop in PROPERTIES if prop.owner is Owner.PIPELINE}
+        fields = {field.name for field in dataclasses.fields(PipelineSettings)}
+
+        assert {"instance_name", "audience"} == fields - declared
+        assert set() == declared - fields
+
 
 def serve_args(*argv: str) -> ServerSettings:
     return settings_from(build_parser().parse_args(["serve", *argv]), {})
@@ -117,6 +126,21 @@ class TestServerSettings:
         for field in dataclasses.fields(ServerSettings):
             args = parser.parse_args(["serve", "--" + field.name.replace("_", "-"), "1"])
             assert "1" == getattr(args, field.name)
+
+    def test_help_shows_each_settings_declared_help_default_and_variable(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """`serve --help` is made from the declarations: each flag's help text, default and
+        environment variable, as config.ServerSettings declares them."""
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--help"])
+        shown = " ".join(capsys.readouterr().out.split())
+
+        for name in ServerSettings.field_names():
+            assert ServerSettings.flag(name) in shown
+            assert " ".join(ServerSettings.help_text(name).split()) in shown
+            assert ServerSettings.env_name(name) in shown
+        assert "default: /var/lib/auditrelay" in shown
 
     def test_defaults_without_flags_or_env(self) -> None:
         """No flag, no variable: the dataclass defaults."""

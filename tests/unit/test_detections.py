@@ -9,15 +9,6 @@ from typing import Any
 
 import pytest
 from auditrelay.cli.policy import detection_probes, stages_of
-from auditrelay.detection_templates import (
-    AKS_COLUMNS,
-    FUNCTION_ALIAS,
-    LOG_ALERT_MAX_WINDOW_HOURS,
-    function_query,
-    missing_sources,
-    render_log_alerts_template,
-    render_sentinel_template,
-)
 from auditrelay.detections import (
     BUNDLED_RULES,
     EVIDENCE_COLUMN,
@@ -29,6 +20,16 @@ from auditrelay.detections import (
 from auditrelay.policy import compile_policy, load_policy
 from auditrelay.stream import COLUMNS, TABLE_NAME
 from kql.analyzer import analyze
+
+from tools.detection_templates import (
+    AKS_COLUMNS,
+    FUNCTION_ALIAS,
+    LOG_ALERT_MAX_WINDOW_HOURS,
+    function_query,
+    missing_sources,
+    render_log_alerts_template,
+    render_sentinel_template,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 RULES_DIR = REPO / "detections"

@@ -183,12 +183,24 @@ def test_string_longer_than_64_kb_is_cut_to_64_kb() -> None:
     assert ["FieldTruncated"] == [problem.kind for problem in checked.problems]
 
 
-def test_shipped_declaration_is_the_row_encoders_stream() -> None:
-    """Without --streams the emulator declares exactly the stream auditrelay.stream writes."""
-    from auditrelay import stream
+def test_shipped_declaration_is_the_deployed_rules_stream() -> None:
+    """Without --streams the emulator declares what the deployed ARM template's data collection
+    rule declares (the package's copy of deploy/azure/auditrelay.json), not the encoder's table."""
+    repo = Path(__file__).resolve().parents[2]
+    deployed = load_declarations(repo / "deploy" / "azure" / "auditrelay.json")
 
     declarations = shipped_declarations()
 
-    assert [stream.STREAM_NAME] == list(declarations)
-    assert dict(stream.COLUMN_TYPES) == dict(declarations[stream.STREAM_NAME].columns)
-    assert "auditID" == declarations[stream.STREAM_NAME].audit_id_column
+    assert ["Custom-KubeAudit_CL"] == list(declarations)
+    assert dict(deployed["Custom-KubeAudit_CL"].columns) == dict(
+        declarations["Custom-KubeAudit_CL"].columns
+    )
+    assert "auditID" == declarations["Custom-KubeAudit_CL"].audit_id_column
+
+
+def test_a_template_without_exactly_one_rule_is_refused() -> None:
+    """An ARM template is read through its one data collection rule; none is a named error."""
+    with pytest.raises(
+        DeclarationError, match=r"expected one Microsoft\.Insights/dataCollectionRules"
+    ):
+        parse_declarations({"resources": [{"type": "Microsoft.Storage/storageAccounts"}]}, "t.json")

@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from auditrelay import stream
 from auditrelay.emulator import (
     ADMIN_HEADER,
     BodyMode,
@@ -466,6 +467,36 @@ async def test_default_settings_serve_the_stream_auditrelay_ships(tmp_path: Path
     """EmulatorSettings(state_dir) alone declares the shipped stream (the embedded default)."""
     async with Emulator(EmulatorSettings(state_dir=tmp_path)) as emulator:
         assert shipped_declarations().keys() == emulator.declarations.keys()
+
+
+async def test_a_row_the_encoder_types_wrongly_is_dropped_by_the_deployed_declaration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The emulator checks rows against the deployed rule, not against the encoder's own table:
+    an encoder that wrongly takes `stage` for a dynamic column writes an object there, and the
+    emulator drops that row with a ColumnTypeMismatch instead of agreeing with the encoder."""
+    monkeypatch.setitem(stream.COLUMN_TYPES, "stage", "dynamic")
+    monkeypatch.setitem(stream._EVENT_FITS, "stage", (dict,))
+    now = datetime.now(UTC).isoformat()
+    encoder = stream.RowEncoder("prod", "")
+    good = encoder.reserialize(
+        {"auditID": "good", "stage": "ResponseComplete", "stageTimestamp": now}
+    )
+    wrong = encoder.reserialize({"auditID": "wrong", "stage": {"name": "x"}, "stageTimestamp": now})
+    assert {"name": "x"} == json.loads(wrong)["stage"], "the encoder did write the wrong type"
+
+    async with Emulator(EmulatorSettings(state_dir=tmp_path)) as emulator:
+        connector = aiohttp.TCPConnector(ssl=emulator.client_ssl_context())
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as client:
+            body = b"[" + good + b"," + wrong + b"]"
+            status, _, _ = await post(client, emulator, body)
+        await emulator.wait_for_rows(1)
+        stored = [row.audit_id for row in emulator.store.rows()]
+        errors = [(e.kind, e.row_index) for e in emulator.store.errors()]
+
+    assert 204 == status
+    assert ["good"] == stored
+    assert ("ColumnTypeMismatch", 1) in errors
 
 
 async def test_concurrent_uploads_are_each_stored_once(

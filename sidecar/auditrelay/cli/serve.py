@@ -12,9 +12,7 @@ import asyncio
 import dataclasses
 import enum
 import gc
-import inspect
 import os
-import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -29,7 +27,7 @@ from auditrelay.malloc import limit_arenas
 
 
 def _flag(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
+    return ServerSettings.flag(field_name)
 
 
 def _parser_for(annotation: Any) -> tuple[Callable[[str], Any], str]:
@@ -49,36 +47,20 @@ def _parser_for(annotation: Any) -> tuple[Callable[[str], Any], str]:
     return str, "text"
 
 
-_FIELD_COMMENT = re.compile(r"^\s+(\w+):[^#]*#\s*(.+)$")
-
-
-def _field_comments() -> dict[str, str]:
-    """The comment beside each ServerSettings field, which documents it where it is declared."""
-    source = inspect.getsource(ServerSettings)
-    return {
-        match.group(1): match.group(2)
-        for match in map(_FIELD_COMMENT.match, source.splitlines())
-        if match
-    }
-
-
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Registers `serve` and one flag per ServerSettings field."""
     help_text = "run the sidecar: receive chunks from the Fluent Bit plugin over gRPC"
     parser = subparsers.add_parser(
         "serve", help=help_text, description=help_text[0].upper() + help_text[1:]
     )
-    comments = _field_comments()
-    for item in dataclasses.fields(ServerSettings):
-        default = item.default
-        shown = default.value if isinstance(default, enum.Enum) else default
-        described = f"{comments[item.name]}; " if item.name in comments else ""
+    for name in ServerSettings.field_names():
         parser.add_argument(
-            _flag(item.name),
-            dest=item.name,
+            _flag(name),
+            dest=name,
             default=None,
-            metavar=item.name.upper(),
-            help=f"{described}env {ServerSettings.env_name(item.name)}; default: {shown}",
+            metavar=name.upper(),
+            help=f"{ServerSettings.help_text(name)}; env {ServerSettings.env_name(name)}; "
+            f"default: {ServerSettings.default_text(name)}",
         )
     parser.set_defaults(run=run)
 

@@ -13,7 +13,6 @@ service does. String values longer than 64 KB are cut to 64 KB, also as the serv
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 from collections.abc import Mapping
@@ -30,6 +29,8 @@ FUTURE_LIMIT = timedelta(days=1)
 RESERVED_COLUMNS = frozenset(
     {"_ResourceId", "id", "_SubscriptionId", "TenantId", "Type", "UniqueId", "Title"}
 )
+DEPLOYED_TEMPLATE = Path(__file__).resolve().parents[1] / "data" / "auditrelay.json"
+DCR_RESOURCE_TYPE = "Microsoft.Insights/dataCollectionRules"
 _COLUMN_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,44}$")
 
 _NUMBER = (int, float)
@@ -67,23 +68,22 @@ class StreamDeclaration:
 
 
 def shipped_declarations() -> dict[str, StreamDeclaration]:
-    """The stream auditrelay's rows are made for (``auditrelay.stream``), as a declaration.
+    """The streams the deployed data collection rule declares.
 
-    Looked up when called, so the emulator does not depend on the row encoder at import time.
+    Read from the ARM template an operator deploys (deploy/azure/auditrelay.json, shipped in the
+    package as ``data/auditrelay.json``), never from the row encoder's own column table: a row
+    the encoder writes with a wrong type is then dropped here, as the service would drop it,
+    instead of being agreed with.
     """
-    try:
-        stream = importlib.import_module("auditrelay.stream")
-        name, columns = str(stream.STREAM_NAME), dict(stream.COLUMN_TYPES)
-    except (ImportError, AttributeError) as error:
-        raise DeclarationError(f"no built-in stream declaration ({error})") from None
-    return {name: StreamDeclaration(name, columns)}
+    return load_declarations(DEPLOYED_TEMPLATE)
 
 
 def load_declarations(path: Path) -> dict[str, StreamDeclaration]:
     """Stream declarations from a JSON file.
 
-    Accepts a whole DCR resource (``properties.streamDeclarations``), a ``streamDeclarations``
-    object, or a plain ``{stream: {column: type}}`` mapping.
+    Accepts an ARM template holding one data collection rule, a whole DCR resource
+    (``properties.streamDeclarations``), a ``streamDeclarations`` object, or a plain
+    ``{stream: {column: type}}`` mapping.
     """
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
@@ -94,6 +94,8 @@ def load_declarations(path: Path) -> dict[str, StreamDeclaration]:
 
 def parse_declarations(document: Any, source: str = "declaration") -> dict[str, StreamDeclaration]:
     """See ``load_declarations``; ``document`` is the parsed JSON."""
+    if isinstance(document, dict) and isinstance(document.get("resources"), list):
+        document = _the_rule(document["resources"], source)
     if isinstance(document, dict) and "properties" in document:
         document = document["properties"]
     if isinstance(document, dict) and "streamDeclarations" in document:
@@ -104,6 +106,20 @@ def parse_declarations(document: Any, source: str = "declaration") -> dict[str, 
     for stream, body in document.items():
         declarations[stream] = StreamDeclaration(stream, _columns_of(stream, body, source))
     return declarations
+
+
+def _the_rule(resources: list[Any], source: str) -> Any:
+    rules = [
+        resource
+        for resource in resources
+        if isinstance(resource, dict) and resource.get("type") == DCR_RESOURCE_TYPE
+    ]
+    if len(rules) != 1:
+        raise DeclarationError(
+            f"{source}: expected one {DCR_RESOURCE_TYPE} resource in the template, "
+            f"found {len(rules)}"
+        )
+    return rules[0]
 
 
 def _columns_of(stream: str, body: Any, source: str) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""The Microsoft Entra side of the emulator: the token endpoint and the bearer-token check.
+"""The emulator's token authority: client-credentials grants checked, tokens issued and verified.
 
 azure-identity's credentials (ClientSecretCredential, ClientCertificateCredential,
 WorkloadIdentityCredential) point at the emulator through ``AZURE_AUTHORITY_HOST`` (or the
@@ -6,7 +6,8 @@ WorkloadIdentityCredential) point at the emulator through ``AZURE_AUTHORITY_HOST
 ``/{tenant}/v2.0/.well-known/openid-configuration``, then everyone posts a client-credentials
 grant to ``/{tenant}/oauth2/v2.0/token``. The answer is a signed JWT (HS256, key kept in the
 state directory) carrying the audience taken from the requested scope, so the ingestion
-endpoint can refuse a token meant for another resource exactly as the service does.
+endpoint can refuse a token meant for another resource exactly as the service does. The HTTP
+paths themselves are in ``entra``.
 """
 
 from __future__ import annotations

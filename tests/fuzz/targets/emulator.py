@@ -13,8 +13,9 @@ from typing import Final
 import atheris
 import orjson
 from auditrelay.emulator import Emulator, EmulatorSettings, StoreMode
+from auditrelay.emulator.bodies import Attempt
 from auditrelay.emulator.faults import Fault, FaultError, parse_fault
-from auditrelay.emulator.server import _Attempt, _RefusedError
+from auditrelay.emulator.responses import RefusedError
 from auditrelay.emulator.tokens import GrantRefusedError, TokenIssuer, TokenRejectedError
 from auditrelay.stream import COLUMN_TYPES, STREAM_NAME
 
@@ -78,7 +79,7 @@ def _body_bytes(fdp: atheris.FuzzedDataProvider) -> tuple[bytes, str | None]:
 def _fuzz_body(fdp: atheris.FuzzedDataProvider, parts: _EmulatorParts) -> None:
     emulator = parts.emulators[fdp.PickValueInList([StoreMode.FULL, StoreMode.IDS])]
     body, encoding = _body_bytes(fdp)
-    attempt = _Attempt(
+    attempt = Attempt(
         received=time.time(),
         dcr=emulator.dcr_id,
         stream=STREAM_NAME,
@@ -87,8 +88,8 @@ def _fuzz_body(fdp: atheris.FuzzedDataProvider, parts: _EmulatorParts) -> None:
         content_encoding=encoding,
     )
     try:
-        answer, rows, errors = emulator._decode_and_check(attempt, body)
-    except _RefusedError as refused:
+        answer, rows, errors = emulator.ingestion.bodies.read(attempt, body)
+    except RefusedError as refused:
         assert 400 <= refused.status < 500 and refused.code
         return
     assert answer.status == 204

@@ -10,7 +10,7 @@
   analytics rule, one alert per result row, with its entities and the ``AuditIds`` evidence.
 
 The rule files in ``detections/`` are the one source; these files are generated and checked
-for staleness by tests/unit/test_codegen.py.
+for staleness by tests/unit/test_codegen.py (``make generate``).
 """
 
 from __future__ import annotations

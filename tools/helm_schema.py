@@ -8,25 +8,24 @@ array, object). A mapping whose keys are all commented is a group of values: an 
 ``additionalProperties: true`` for a free-form mapping such as ``resources``, ...); the value below
 such a free-form mapping is not looked into.
 
-Run ``python3 tests/helm/gen_schema.py`` after changing values.yaml; ``--check`` exits 1 when the
-committed schema is stale (the chart tests run the same check).
+values.yaml is where the chart's values are declared, and its comments are their declaration
+(what ``helm show values`` prints to a user): the generator reads them with the strict rules above
+and fails, naming the line, on a value without a sentence. ``make generate`` writes the schema;
+tests/unit/test_codegen.py fails while the committed one is stale.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-CHART = Path(__file__).resolve().parents[2] / "helm" / "auditrelay"
-VALUES = CHART / "values.yaml"
-SCHEMA = CHART / "values.schema.json"
+VALUES_FILE = Path("helm/auditrelay/values.yaml")
+SCHEMA_FILE = Path("helm/auditrelay/values.schema.json")
 
 _KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z0-9_.\-/]+):(?:\s|$)")
 _COMMENT_LINE = re.compile(r"^(?P<indent> *)#(?: (?P<text>.*))?$")
@@ -180,23 +179,6 @@ def render(schema: dict[str, Any]) -> str:
     return json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--check", action="store_true", help="exit 1 if the schema is stale")
-    args = parser.parse_args(argv)
-    try:
-        expected = render(generate(VALUES.read_text()))
-    except ValuesDocError as error:
-        print(error, file=sys.stderr)
-        return 1
-    if args.check:
-        if not SCHEMA.exists() or SCHEMA.read_text() != expected:
-            print(f"{SCHEMA} is stale: run python3 tests/helm/gen_schema.py", file=sys.stderr)
-            return 1
-        return 0
-    SCHEMA.write_text(expected)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def render_values_schema(values_text: str) -> str:
+    """values.schema.json as committed, from the text of values.yaml."""
+    return render(generate(values_text))
