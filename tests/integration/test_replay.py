@@ -33,10 +33,9 @@ from auditrelay.emulator import (
     Store,
     running_in_thread,
 )
-from auditrelay.errors import ConfigError
 from auditrelay.filter import PolicyFilter
+from auditrelay.fluentbit_conf import select_output
 from auditrelay.model import AuditEvent
-from auditrelay.replay import select_output
 from auditrelay.stream import COLUMN_TYPES, STREAM_NAME
 from fixtures.chunks import AUDIT_LOG, sample_lines
 
@@ -363,7 +362,7 @@ def test_a_fluent_bit_config_section_configures_the_pipeline(
         f"{keys}\n    client_secret ${{AUDITRELAY_TEST_SECRET}}\n"
         "    cluster_name ${cluster}\n    batch_interval 1h\n"
     )
-    section = select_output(config, None)
+    section = select_output(config, None, "--fluent-bit-output")
     assert ("auditrelay.0", secret, "prod-weu-1") == (
         section.instance_name,
         section.properties()["client_secret"],
@@ -383,23 +382,6 @@ def test_a_fluent_bit_config_section_configures_the_pipeline(
     stored = emulator.store.rows(limit=1)[0].row
     assert stored is not None
     assert "prod-weu-1" == stored["Cluster_Name"]
-
-
-def test_a_config_with_two_auditrelay_outputs_needs_output(tmp_path: Path) -> None:
-    """Two auditrelay outputs: the file alone is ambiguous, --output picks one by Alias."""
-    config = tmp_path / "fluent-bit.yaml"
-    config.write_text(
-        "pipeline:\n  outputs:\n"
-        "    - name: auditrelay\n      alias: east\n      stream: Custom-East_CL\n"
-        "    - name: auditrelay\n      alias: west\n      stream: Custom-West_CL\n"
-    )
-    with pytest.raises(ConfigError) as raised:
-        select_output(config, None)
-    assert "found 2: east, west" in str(raised.value)
-    assert {"alias": "west", "name": "auditrelay", "stream": "Custom-West_CL"} == (
-        select_output(config, "west").keys
-    )
-    assert {"stream": "Custom-West_CL"} == select_output(config, "auditrelay.1").properties()
 
 
 def test_bad_input_exits_2_naming_it(tmp_path: Path) -> None:

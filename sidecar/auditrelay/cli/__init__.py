@@ -1,22 +1,44 @@
 """The ``auditrelay`` command: one sub-command per module of this package.
 
 Each sub-command module offers ``add_parser(subparsers)`` and ``run(args) -> int``; this module
-only dispatches and turns errors into exit codes (0 ok, 1 the command's own "found a
-problem" answer, 2 bad input or configuration).
+dispatches, turns errors into exit codes, and holds what every command shares: the exit codes
+(0 ok, 1 the command's own "found a problem" answer, 2 bad input or configuration; 130 when
+interrupted) and ``--output text|json`` for every command that prints results.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import pkgutil
 import sys
 from collections.abc import Sequence
+from typing import Any, Final
 
 from auditrelay import __version__
 from auditrelay.errors import AuditRelayError
 
-EXIT_BAD_INPUT = 2
+EXIT_OK: Final = 0
+EXIT_FINDING: Final = 1
+EXIT_BAD_INPUT: Final = 2
+EXIT_INTERRUPTED: Final = 130
+OUTPUT_FORMATS: Final = ("text", "json")
+
+
+def add_output_option(parser: argparse.ArgumentParser) -> None:
+    """``--output text|json``: results for people, or one JSON document for programs."""
+    parser.add_argument(
+        "--output",
+        choices=OUTPUT_FORMATS,
+        default="text",
+        help="print the results as text for people or as one JSON document (default: text)",
+    )
+
+
+def print_json(document: Any) -> None:
+    """Prints one JSON document on stdout (paths and other objects as their text)."""
+    print(json.dumps(document, indent=2, default=str))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"auditrelay {args.command}: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     return code
 
 
