@@ -291,12 +291,12 @@ def test_eval_reports_bad_lines_and_goes_on(
 
 
 def test_eval_table(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    """--output table shows one readable row per request."""
+    """--output text shows one readable row per request."""
     _stdin(
         monkeypatch,
         '{"user": "alice", "verb": "list", "resource": "secrets", "resourceRequest": true}\n',
     )
-    code = main(["policy", "eval", "--policy", str(BUNDLED), "--output", "table"])
+    code = main(["policy", "eval", "--policy", str(BUNDLED), "--output", "text"])
     rows = capsys.readouterr().out.splitlines()
 
     assert (0, ["LINE", "LEVEL", "OMIT", "STAGES", "OMIT", "MANAGED", "FIELDS", "RULE"]) == (

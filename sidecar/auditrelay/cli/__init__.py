@@ -26,14 +26,19 @@ EXIT_INTERRUPTED: Final = 130
 OUTPUT_FORMATS: Final = ("text", "json")
 
 
-def add_output_option(parser: argparse.ArgumentParser) -> None:
-    """``--output text|json``: results for people, or one JSON document for programs."""
+def add_output_option(parser: argparse.ArgumentParser, default: str = "text") -> None:
+    """``--output text|json``: results for people, or JSON for programs."""
     parser.add_argument(
         "--output",
         choices=OUTPUT_FORMATS,
-        default="text",
-        help="print the results as text for people or as one JSON document (default: text)",
+        default=default,
+        help=f"print the results as text for people or as JSON (default: {default})",
     )
+
+
+def plain(docstring: str | None) -> str:
+    """A module docstring as ``--help`` shows it: without its reStructuredText quoting."""
+    return (docstring or "").replace("``", "")
 
 
 def print_json(document: Any) -> None:

@@ -33,6 +33,7 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 import auditrelay
+from auditrelay.cli import EXIT_FINDING, EXIT_OK, add_output_option, print_json
 from auditrelay.config import parse_duration
 from auditrelay.detections import BUNDLED_RULES, load_rules
 from auditrelay.emulator import Store, StoredRow
@@ -96,6 +97,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="how long delivery may take to settle (default: 120s)",
     )
     parser.add_argument("--summary-json", type=Path, help="also write the summary here as JSON")
+    add_output_option(parser)
     parser.set_defaults(run=run)
 
 
@@ -532,13 +534,16 @@ def run(args: argparse.Namespace) -> int:
         summary, rows = run_demo(audit_log, args.state_dir, args.plugin, args.timeout)
     except DemoError as error:
         print(f"auditrelay demo: {error}", file=sys.stderr)
-        return 1
-    print(report(summary, rows, args.rows))
+        return EXIT_FINDING
     alerts_text, alerts = detections_report(rows, Path(summary.emulator_store).parent)
-    print()
-    print(alerts_text)
+    document = asdict(summary) | {"bytes_saved": summary.bytes_saved, "alerts": alerts}
+    if args.output == "json":
+        print_json(document)
+    else:
+        print(report(summary, rows, args.rows))
+        print()
+        print(alerts_text)
     if args.summary_json is not None:
-        document = asdict(summary) | {"bytes_saved": summary.bytes_saved, "alerts": alerts}
         args.summary_json.write_text(json.dumps(document, indent=2) + "\n")
     delivered_all = summary.events_delivered + summary.events_dead_lettered >= summary.events_kept
-    return 0 if delivered_all else 1
+    return EXIT_OK if delivered_all else EXIT_FINDING

@@ -21,6 +21,7 @@ from typing import IO, Any, Final
 import orjson
 import yaml
 
+from auditrelay.cli import EXIT_BAD_INPUT, EXIT_FINDING, EXIT_OK, add_output_option
 from auditrelay.config import BUNDLED_POLICY
 from auditrelay.decode import audit_problem
 from auditrelay.filter import PolicyFilter
@@ -38,9 +39,7 @@ from auditrelay.policy import (
 )
 from auditrelay.replay import REASON_TEXT
 
-EXIT_OK: Final = 0
-EXIT_MISSING: Final = 1
-EXIT_BAD_INPUT: Final = 2
+EXIT_MISSING: Final = EXIT_FINDING
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -71,7 +70,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         type=Path,
         help="kube-apiserver static pod manifest: also check its audit-logging flags",
     )
-    _add_output(verify)
+    add_output_option(verify)
     verify.set_defaults(action=_verify)
 
     evaluate = commands.add_parser(
@@ -84,7 +83,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         '{"level", "omitStages", "omitManagedFields", "rule"}.',
     )
     evaluate.add_argument("--policy", required=True, type=Path, help="the audit policy")
-    _add_output(evaluate, default="json")
+    add_output_option(evaluate, default="json")
     evaluate.set_defaults(action=_eval)
 
     preview = commands.add_parser(
@@ -98,17 +97,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     preview.add_argument(
         "logs", nargs="*", type=Path, metavar="AUDIT_LOG", help="audit log files (default: stdin)"
     )
-    _add_output(preview)
+    add_output_option(preview)
     preview.set_defaults(action=_filter)
-
-
-def _add_output(parser: argparse.ArgumentParser, default: str = "table") -> None:
-    parser.add_argument(
-        "--output",
-        choices=("table", "json"),
-        default=default,
-        help=f"output format (default: {default})",
-    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -559,7 +549,7 @@ def _eval(args: argparse.Namespace) -> int:
             sys.stdout.flush()
         else:
             answers.append(answer | {"line": number})
-    if args.output == "table":
+    if args.output == "text":
         _print_eval_table(answers)
     return EXIT_BAD_INPUT if bad_lines else EXIT_OK
 

@@ -28,6 +28,7 @@ from auditrelay.cli import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     add_output_option,
+    plain,
     print_json,
 )
 from auditrelay.config import LogFormat, ServerSettings, parse_duration
@@ -53,7 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser = subparsers.add_parser(
         "replay",
         help=help_text,
-        description=(__doc__ or "").split("\n\n", 1)[1],
+        description=plain(__doc__).split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("files", nargs="+", type=Path, metavar="AUDIT_LOG")

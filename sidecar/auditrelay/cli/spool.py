@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from auditrelay.cli import EXIT_BAD_INPUT, EXIT_FINDING, add_output_option, plain
 from auditrelay.config import ServerSettings
 from auditrelay.errors import ConfigError, PropertyProblem
 from auditrelay.spool import Spool, in_use
@@ -35,16 +36,13 @@ from auditrelay.spools import (
     request_drain,
 )
 
-EXIT_FINDING = 1
-EXIT_BAD_INPUT = 2
-
 
 def add_parser(subparsers: Any) -> None:
     """Registers ``auditrelay spool`` and its actions."""
     parser = subparsers.add_parser(
         "spool",
         help="List the pipelines' spools; drain or discard an orphaned one.",
-        description=__doc__,
+        description=plain(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.set_defaults(run=run, action=None)
@@ -74,7 +72,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         default=Path(default),
         help=f"serve's state directory (env AUDITRELAY_STATE_DIR; default: {default})",
     )
-    parser.add_argument("--output", choices=("text", "json"), default="text")
+    add_output_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
