@@ -34,7 +34,7 @@ lint: ## Lint and type-check everything (ruff, mypy --strict, import-linter, go 
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m mypy
-	lint-imports
+	PYTHONPATH=sidecar lint-imports
 	cd fluent-bit && $(GO) vet ./...
 	cd tests/conformance && $(GO) vet ./...
 	cd tests/controlplane && $(GO) vet ./etcd ./loadgen

@@ -1,7 +1,7 @@
 """End to end: out_auditrelay.so driven the way Fluent Bit's Go proxy drives it, the real
 ``auditrelay serve`` process, the emulator.
 
-This process plays Fluent Bit on CPU 0 (``auditrelay.flbproxy`` loads the plugin with ctypes and calls ``FLBPluginFlushCtx`` per chunk, retrying on FLB_RETRY) beside the
+This process plays Fluent Bit on CPU 0 (``auditrelay.devtools.flbproxy`` loads the plugin with ctypes and calls ``FLBPluginFlushCtx`` per chunk, retrying on FLB_RETRY) beside the
 emulator; the sidecar process and all its threads are pinned to CPU 1. The clock stops when
 the emulator holds every row the policy keeps.
 """
@@ -64,7 +64,7 @@ def plugin_and_sidecar(
     tests = str(REPO / "tests")  # the harness is imported as the tests import it
     if tests not in sys.path:
         sys.path.append(tests)
-    from auditrelay.flbproxy import FLUENT_BIT_4_2_8, GoProxy, build_plugin
+    from auditrelay.devtools.flbproxy import FLUENT_BIT_4_2_8, GoProxy, build_plugin
     from harness.sidecar import Sidecar
 
     sidecar = Sidecar.on_socket(
@@ -103,7 +103,7 @@ def flush_all(
 
     With ``workers`` > 1, that many threads flush at once, as Fluent Bit's output workers do.
     """
-    from auditrelay.flbproxy import Result
+    from auditrelay.devtools.flbproxy import Result
 
     source = iter(chunks)
     lock = threading.Lock()

@@ -221,6 +221,10 @@ class PipelineBuilder:
         directory = self.layout.spool(pipeline_id)
         write_destination(directory, pipeline_id, settings)
         if settings.uses_emulator:
+            # Starting the emulator takes seconds on a busy machine, longer than the plugin's
+            # Configure deadline: a cancelled Configure must not cancel the start, so that the
+            # plugin's next Configure finds it started instead of starting it over.
+            await asyncio.shield(self.emulator.ensure_started())
             return await self.emulator.sink_for(
                 settings, directory=directory, metrics=metrics, dead_letters=dead_letters
             )

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 import yaml
-from auditrelay.flbproxy import build_plugin
+from auditrelay.devtools.flbproxy import build_plugin
 from auditrelay.fluentbit_conf import parse_classic
 from fixtures.chunks import audit_line
 from harness.real_fluent_bit import fluent_bit_binary, needs_fluent_bit

@@ -14,9 +14,9 @@ import orjson
 import pytest
 from auditrelay.cli.demo import BUNDLED_LOGS
 from auditrelay.config import BUNDLED_POLICY
+from auditrelay.devtools.flbproxy import build_plugin
 from auditrelay.emulator import Store
 from auditrelay.filter import PolicyFilter
-from auditrelay.flbproxy import build_plugin
 from auditrelay.model import AuditEvent
 from fixtures.chunks import audit_line
 

@@ -1,7 +1,7 @@
 """A pipeline's spool belongs to its destination: rotated secrets keep the backlog, and a spool
 whose destination is gone is reported and can be drained into a pipeline, losing nothing.
 
-out_auditrelay.so is driven exactly as Fluent Bit does (auditrelay.flbproxy); a Fluent Bit
+out_auditrelay.so is driven exactly as Fluent Bit does (auditrelay.devtools.flbproxy); a Fluent Bit
 restart with a changed configuration is the plugin exiting, registering again and initialising
 its instance with the new properties. ``auditrelay serve`` runs as a subprocess, the emulator in
 this process; faults, secrets and token revocation go through its API. Events are the bundled
@@ -20,9 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from auditrelay.devtools.flbproxy import FLUENT_BIT_5_1_1, GoProxy, build_plugin
 from auditrelay.emulator import DEFAULT_DCR_ID, Emulator, EmulatorSettings, Fault, FaultKind
 from auditrelay.emulator import running_in_thread as emulator_in_thread
-from auditrelay.flbproxy import FLUENT_BIT_5_1_1, GoProxy, build_plugin
 from harness.fluentbit import Chunks, FluentBit, http_get, missing, wait_for
 from harness.sidecar import REPO_ROOT, Sidecar
 

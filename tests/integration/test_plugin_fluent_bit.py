@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from auditrelay.devtools.flbproxy import build_plugin
 from auditrelay.emulator import Store
-from auditrelay.flbproxy import build_plugin
 from fixtures.chunks import audit_line
 from harness.real_fluent_bit import FLUENT_BIT_MARKS, fluent_bit_binary, fluent_bit_version
 from harness.sidecar import Sidecar

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from auditrelay.config import PROPERTIES
-from auditrelay.flbproxy import (
+from auditrelay.devtools.flbproxy import (
     FLB_CONFIG_MAP_STR,
     FLB_PROXY_GOLANG,
     FLB_PROXY_OUTPUT_PLUGIN,

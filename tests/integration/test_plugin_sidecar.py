@@ -1,6 +1,6 @@
 """out_auditrelay.so, driven like Fluent Bit's Go proxy, against the real sidecar (`auditrelay serve`).
 
-Every test loads the plugin built from this checkout (auditrelay.flbproxy) and runs the
+Every test loads the plugin built from this checkout (auditrelay.devtools.flbproxy) and runs the
 sidecar as a subprocess on a Unix socket (or TCP with mTLS), awaiting it through grpc.health.v1.
 """
 
@@ -19,7 +19,7 @@ import grpc
 import pytest
 from auditrelay.config import BUNDLED_POLICY
 from auditrelay.deadletter import payload_of, read_letters
-from auditrelay.flbproxy import (
+from auditrelay.devtools.flbproxy import (
     FLUENT_BIT_4_2_8,
     FLUENT_BIT_5_1_1,
     FluentBitVersion,

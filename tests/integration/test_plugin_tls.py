@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from auditrelay.flbproxy import FLUENT_BIT_5_1_1, GoProxy, InitError, build_plugin
+from auditrelay.devtools.flbproxy import FLUENT_BIT_5_1_1, GoProxy, InitError, build_plugin
 from fixtures.certs import Pem, Pki, make_pki
 from harness.sidecar import Sidecar
 

@@ -1,6 +1,6 @@
 """Reliability of the whole path under failure: plugin -> sidecar -> Logs Ingestion.
 
-Each test drives out_auditrelay.so exactly as Fluent Bit does (auditrelay.flbproxy), with chunks
+Each test drives out_auditrelay.so exactly as Fluent Bit does (auditrelay.devtools.flbproxy), with chunks
 built the way Fluent Bit writes them (v2 events with EventTime; raw ``log`` lines and parsed
 records alternating) from real audit events given fresh auditIDs; ``auditrelay serve`` runs as
 a subprocess; the emulator runs in this process, and faults are injected through its API. A
@@ -29,6 +29,14 @@ from typing import Any
 import orjson
 import pytest
 from auditrelay.config import BUNDLED_POLICY
+from auditrelay.devtools.flbproxy import (
+    FLUENT_BIT_5_1_1,
+    GoProxy,
+    Instance,
+    Level,
+    Result,
+    build_plugin,
+)
 from auditrelay.emulator import (
     DEFAULT_DCR_ID,
     Emulator,
@@ -39,7 +47,6 @@ from auditrelay.emulator import (
     running_in_thread,
 )
 from auditrelay.filter import PolicyFilter
-from auditrelay.flbproxy import FLUENT_BIT_5_1_1, GoProxy, Instance, Level, Result, build_plugin
 from auditrelay.model import AuditEvent
 from auditrelay.stream import COLUMN_TYPES, STREAM_NAME
 from fixtures.chunks import event_time, log_record, map32, sample_lines, v2_event

@@ -23,10 +23,10 @@ from typing import Any
 
 import jwt
 import pytest
+from auditrelay.devtools.flbproxy import FLUENT_BIT_5_1_1, GoProxy, InitError, build_plugin
 from auditrelay.emulator import DEFAULT_DCR_ID, Emulator, EmulatorSettings, Fault, FaultKind
 from auditrelay.emulator import running_in_thread as emulator_in_thread
 from auditrelay.emulator.tokens import FEDERATED_AUDIENCE
-from auditrelay.flbproxy import FLUENT_BIT_5_1_1, GoProxy, InitError, build_plugin
 from fixtures.certs import app_registration_certificate
 from fixtures.chunks import event_time, log_record, v2_event
 from harness.fluentbit import Chunks, FluentBit, http_get, missing, wait_for
