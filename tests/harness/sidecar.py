@@ -5,6 +5,7 @@ launcher (``auditrelay.devtools.sidecar``), logging at debug level, and able to 
 from __future__ import annotations
 
 import signal
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
@@ -14,7 +15,7 @@ from auditrelay.devtools.sidecar import START_TIMEOUT_SECONDS, SidecarError, Sid
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 
-__all__ = ["REPO_ROOT", "START_TIMEOUT_SECONDS", "Sidecar", "SidecarError"]
+__all__ = ["REPO_ROOT", "START_TIMEOUT_SECONDS", "Sidecar", "SidecarError", "free_port"]
 
 
 class Sidecar(SidecarProcess):
@@ -38,3 +39,11 @@ class Sidecar(SidecarProcess):
         """SIGCONT after pause."""
         assert self.process is not None
         self.process.send_signal(signal.SIGCONT)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port

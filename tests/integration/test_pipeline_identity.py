@@ -15,12 +15,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from auditrelay.devtools.flbproxy import FLUENT_BIT_5_1_1, GoProxy, build_plugin
+from auditrelay.devtools.flbproxy import GoProxy
 from auditrelay.emulator import DEFAULT_DCR_ID, Emulator, EmulatorSettings, Fault, FaultKind
 from auditrelay.emulator import running_in_thread as emulator_in_thread
 from harness.fluentbit import Chunks, FluentBit, http_get, missing, wait_for
@@ -31,13 +30,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # sidecar restarts, C
 TENANT = "72f988bf-0000-0000-0000-00000000abcd"
 CLIENT = "0a1b2c3d-0000-0000-0000-00000000abcd"
 WRONG_DCR_ID = "dcr-11111111111111111111111111111111"
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    """A short directory: a Unix socket path must stay under 108 bytes."""
-    with tempfile.TemporaryDirectory(prefix="ar-id-") as directory:
-        yield Path(directory)
 
 
 @pytest.fixture
@@ -55,20 +47,6 @@ def sidecar(workdir: Path) -> Iterator[Sidecar]:
     started.start()
     yield started
     started.stop()
-
-
-@pytest.fixture(scope="module")
-def plugin_path() -> Path:
-    return build_plugin()
-
-
-@pytest.fixture
-def proxy(plugin_path: Path) -> Iterator[GoProxy]:
-    loaded = GoProxy(plugin_path, FLUENT_BIT_5_1_1)
-    loaded.register()
-    yield loaded
-    if loaded.registration is not None:
-        loaded.shutdown()
 
 
 def output_section(sidecar: Sidecar, emulator: Emulator, secret: str) -> dict[str, str]:

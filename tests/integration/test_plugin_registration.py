@@ -17,15 +17,7 @@ from auditrelay.devtools.flbproxy import (
     FluentBitVersion,
     GoProxy,
     InitError,
-    build_plugin,
 )
-
-
-@pytest.fixture(scope="module")
-def plugin_path() -> Path:
-    """The plugin built from this checkout."""
-    return build_plugin()
-
 
 ProxyFactory = Callable[[FluentBitVersion], GoProxy]
 

@@ -13,7 +13,6 @@ PolicyFilter) arrives at least once, and reports how many arrived more than once
 
 from __future__ import annotations
 
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -30,12 +29,10 @@ import orjson
 import pytest
 from auditrelay.config import BUNDLED_POLICY
 from auditrelay.devtools.flbproxy import (
-    FLUENT_BIT_5_1_1,
     GoProxy,
     Instance,
     Level,
     Result,
-    build_plugin,
 )
 from auditrelay.emulator import (
     DEFAULT_DCR_ID,
@@ -156,18 +153,6 @@ class FluentBit:
             self.send(chunk)
 
 
-@pytest.fixture(scope="module")
-def plugin_path() -> Path:
-    return build_plugin()
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    """A short directory: a Unix socket path must stay under 108 bytes."""
-    with tempfile.TemporaryDirectory(prefix="ar-rel-") as directory:
-        yield Path(directory)
-
-
 def emulator_settings(state_dir: Path, **overrides: Any) -> EmulatorSettings:
     return EmulatorSettings(
         state_dir=state_dir, streams={STREAM_NAME: dict(COLUMN_TYPES)}, **overrides
@@ -199,15 +184,6 @@ def make_sidecar(workdir: Path) -> Iterator[Callable[..., Sidecar]]:
     yield make
     for sidecar in made:
         sidecar.stop()
-
-
-@pytest.fixture
-def proxy(plugin_path: Path) -> Iterator[GoProxy]:
-    loaded = GoProxy(plugin_path, FLUENT_BIT_5_1_1)
-    loaded.register()
-    yield loaded
-    if loaded.registration is not None:
-        loaded.shutdown()
 
 
 def fluent_bit(
