@@ -204,20 +204,22 @@ class PipelineBuilder:
         dead_letters: DeadLetterSink,
     ) -> EventSink:
         """The pipeline's sink, started: to its endpoint, or to the bundled emulator."""
-        sink = await self._build_sink(settings, pipeline_id, metrics, dead_letters)
+        sink: EventSink
+        if self.sink_factory is not None:
+            sink = self.sink_factory(settings, pipeline_id)
+        else:
+            sink = await self._delivery_sink(settings, pipeline_id, metrics, dead_letters)
         if isinstance(sink, Startable):
             await sink.start()
         return sink
 
-    async def _build_sink(
+    async def _delivery_sink(
         self,
         settings: PipelineSettings,
         pipeline_id: str,
         metrics: PipelineMetrics,
         dead_letters: DeadLetterSink,
-    ) -> EventSink:
-        if self.sink_factory is not None:
-            return self.sink_factory(settings, pipeline_id)
+    ) -> DeliverySink:
         directory = self.layout.spool(pipeline_id)
         write_destination(directory, pipeline_id, settings)
         if settings.uses_emulator:

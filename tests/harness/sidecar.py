@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import signal
 import socket
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-import grpc
 from auditrelay.devtools.sidecar import START_TIMEOUT_SECONDS, SidecarError, SidecarProcess
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
@@ -21,14 +19,7 @@ __all__ = ["REPO_ROOT", "START_TIMEOUT_SECONDS", "Sidecar", "SidecarError", "fre
 class Sidecar(SidecarProcess):
     """One ``auditrelay serve`` process; start, stop, kill, pause and resume it at will."""
 
-    def __init__(
-        self,
-        address: str,
-        state_dir: Path,
-        extra_args: Sequence[str] = (),
-        credentials: grpc.ChannelCredentials | None = None,
-    ) -> None:
-        super().__init__(address, state_dir, extra_args, credentials, log_level="debug")
+    log_level = "debug"
 
     def pause(self) -> None:
         """SIGSTOP: the sidecar keeps its connections but answers nothing (a hung sidecar)."""

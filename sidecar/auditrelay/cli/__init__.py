@@ -13,11 +13,15 @@ import importlib
 import json
 import pkgutil
 import sys
-from collections.abc import Sequence
-from typing import Any, Final
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
 
 from auditrelay import __version__
-from auditrelay.errors import AuditRelayError
+from auditrelay.errors import AuditRelayError, ConfigError, PropertyProblem
+
+if TYPE_CHECKING:  # the emulator loads only for the commands that read its store
+    from auditrelay.emulator import Store
 
 EXIT_OK: Final = 0
 EXIT_FINDING: Final = 1
@@ -34,6 +38,24 @@ def add_output_option(parser: argparse.ArgumentParser, default: str = "text") ->
         default=default,
         help=f"print the results as text for people or as JSON (default: {default})",
     )
+
+
+def emulator_store(flag: str, state_dir: Path) -> Store:
+    """The bundled emulator's store in ``state_dir``; bad input naming ``flag`` when there is
+    none."""
+    from auditrelay.emulator import Store
+
+    store = Store.in_directory(state_dir)
+    if not store.path.is_file():
+        expected = f"an emulator's state directory, holding {store.path.name} (no store there)"
+        raise ConfigError([PropertyProblem(flag, str(state_dir), expected)])
+    return store
+
+
+def missing_action(command: str, actions: Mapping[str, object]) -> int:
+    """A command with actions called without one: says which there are; bad input."""
+    print(f"auditrelay {command}: choose an action: {', '.join(actions)}", file=sys.stderr)
+    return EXIT_BAD_INPUT
 
 
 def plain(docstring: str | None) -> str:

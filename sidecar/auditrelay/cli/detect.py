@@ -21,9 +21,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from auditrelay.cli import EXIT_BAD_INPUT, EXIT_FINDING, EXIT_OK, add_output_option, plain
+from auditrelay.cli import (
+    EXIT_BAD_INPUT,
+    EXIT_FINDING,
+    EXIT_OK,
+    add_output_option,
+    emulator_store,
+    plain,
+)
 from auditrelay.detections import BUNDLED_RULES, Rule, load_rules
-from auditrelay.emulator import Store
 from auditrelay.errors import AuditRelayError, ConfigError, PropertyProblem
 
 if TYPE_CHECKING:  # the engine needs duckdb-kql, an optional extra; imported when run
@@ -91,17 +97,7 @@ def load_table(args: argparse.Namespace) -> Table:
             raise ConfigError(
                 [PropertyProblem("AUDIT_LOG", "given", "either audit logs or --emulator-state-dir")]
             )
-        store = Store.in_directory(args.emulator_state_dir)
-        if not store.path.is_file():
-            raise ConfigError(
-                [
-                    PropertyProblem(
-                        "--emulator-state-dir",
-                        str(args.emulator_state_dir),
-                        "a directory holding the emulator's store",
-                    )
-                ]
-            )
+        store = emulator_store("--emulator-state-dir", args.emulator_state_dir)
         add_rows(table, (row.row for row in store.rows() if row.row is not None))
         return table
     if not args.audit_logs:

@@ -28,16 +28,16 @@ import asyncio
 import json
 import signal
 import ssl
-import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from auditrelay.cli import (
-    EXIT_BAD_INPUT,
     EXIT_FINDING,
     EXIT_OK,
     add_output_option,
+    emulator_store,
+    missing_action,
     plain,
     print_json,
 )
@@ -194,8 +194,7 @@ def run(args: argparse.Namespace) -> int:
         "fault": _fault,
     }
     if args.action is None:
-        print("auditrelay emulator: choose an action: " + ", ".join(actions), file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return missing_action("emulator", actions)
     return actions[args.action](args)
 
 
@@ -255,11 +254,7 @@ async def _serve_until_stopped(settings: EmulatorSettings) -> None:
 
 
 def _store(args: argparse.Namespace) -> Store:
-    store = Store.in_directory(args.state_dir)
-    if not store.path.is_file():
-        expected = f"an emulator's state directory, holding {store.path.name} (no store there)"
-        raise ConfigError([PropertyProblem("--state-dir", str(args.state_dir), expected)])
-    return store
+    return emulator_store("--state-dir", args.state_dir)
 
 
 def _print_items(args: argparse.Namespace, items: list[Any]) -> None:

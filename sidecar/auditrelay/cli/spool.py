@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-from auditrelay.cli import EXIT_BAD_INPUT, EXIT_FINDING, add_output_option, plain
+from auditrelay.cli import EXIT_FINDING, add_output_option, missing_action, plain
 from auditrelay.config import ServerSettings
 from auditrelay.errors import ConfigError, PropertyProblem
 from auditrelay.spool import Spool, in_use
@@ -79,8 +78,7 @@ def run(args: argparse.Namespace) -> int:
     """Dispatches to the action."""
     actions = {"list": _list, "drain": _drain, "discard": _discard}
     if args.action is None:
-        print("auditrelay spool: choose an action: list, drain, discard", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return missing_action("spool", actions)
     root = args.state_dir / "spool"
     if not root.is_dir():
         raise ConfigError(

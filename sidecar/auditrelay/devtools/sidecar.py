@@ -36,19 +36,19 @@ class SidecarError(RuntimeError):
 class SidecarProcess:
     """One ``auditrelay serve`` process; start it, stop or kill it, read its log."""
 
+    log_level = "info"
+
     def __init__(
         self,
         address: str,
         state_dir: Path,
         extra_args: Sequence[str] = (),
         credentials: grpc.ChannelCredentials | None = None,
-        log_level: str = "info",
     ) -> None:
         self.address = address  # --listen, and the plugin's sidecar_address
         self.state_dir = state_dir
         self.extra_args = list(extra_args)
         self.credentials = credentials  # for the health checks over TCP (TLS)
-        self.log_level = log_level
         self.log_path = state_dir / "sidecar.log"
         self.process: subprocess.Popen[bytes] | None = None
 
