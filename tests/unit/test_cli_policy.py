@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from auditrelay.cli import main
-from auditrelay.cli.policy import detection_probes, stages_of
 from auditrelay.policy import compile_policy, load_policy
+from auditrelay.policy_verify import detection_probes, stages_of
 from fixtures.chunks import AUDIT_LOG, DEFENDER_POLICY, sample_lines
 
 REPO = Path(__file__).resolve().parents[2]
