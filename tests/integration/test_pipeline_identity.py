@@ -22,13 +22,12 @@ import pytest
 from auditrelay.devtools.flbproxy import GoProxy
 from auditrelay.emulator import DEFAULT_DCR_ID, Emulator, EmulatorSettings, Fault, FaultKind
 from auditrelay.emulator import running_in_thread as emulator_in_thread
+from harness.emulator import CLIENT, emulator_destination
 from harness.fluentbit import Chunks, FluentBit, http_get, missing, wait_for
 from harness.sidecar import REPO_ROOT, Sidecar
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # sidecar restarts, CLI runs
 
-TENANT = "72f988bf-0000-0000-0000-00000000abcd"
-CLIENT = "0a1b2c3d-0000-0000-0000-00000000abcd"
 WRONG_DCR_ID = "dcr-11111111111111111111111111111111"
 
 
@@ -53,14 +52,7 @@ def output_section(sidecar: Sidecar, emulator: Emulator, secret: str) -> dict[st
     return {
         "sidecar_address": sidecar.address,
         "sidecar_wait": "20s",
-        "endpoint": emulator.endpoint,
-        "endpoint_ca": str(emulator.ca_file),
-        "dcr_id": DEFAULT_DCR_ID,
-        "auth": "client_secret",
-        "authority_host": emulator.authority_host,
-        "tenant_id": TENANT,
-        "client_id": CLIENT,
-        "client_secret": secret,
+        **emulator_destination(emulator, secret),
         "batch_interval": "50ms",
         "request_timeout": "10s",
     }

@@ -35,7 +35,6 @@ from auditrelay.devtools.flbproxy import (
     Result,
 )
 from auditrelay.emulator import (
-    DEFAULT_DCR_ID,
     Emulator,
     EmulatorSettings,
     Fault,
@@ -48,11 +47,11 @@ from auditrelay.model import AuditEvent
 from auditrelay.stream import COLUMN_TYPES, STREAM_NAME
 from fixtures.chunks import event_time, log_record, map32, sample_lines, v2_event
 from fixtures.disks import tiny_tmpfs
+from harness.emulator import emulator_destination
+from harness.fluentbit import wait_for
 from harness.sidecar import Sidecar
 
 TAG = "kube.audit"
-TENANT = "72f988bf-0000-0000-0000-00000000abcd"
-CLIENT = "0a1b2c3d-0000-0000-0000-00000000abcd"
 EVENTS_PER_CHUNK = 100
 # Fluent Bit waits between retries of a chunk (its scheduler's backoff, 1 s or more); a shorter
 # pause keeps the tests quick without flushing in a busy loop.
@@ -193,14 +192,7 @@ def fluent_bit(
     section = {
         "sidecar_address": sidecar.address,
         "sidecar_wait": "20s",
-        "endpoint": emulator.endpoint,
-        "endpoint_ca": str(emulator.ca_file),
-        "dcr_id": DEFAULT_DCR_ID,
-        "auth": "client_secret",
-        "authority_host": emulator.authority_host,
-        "tenant_id": TENANT,
-        "client_id": CLIENT,
-        "client_secret": "emulator-accepts-any-secret",
+        **emulator_destination(emulator),
         "cluster_name": "reliability",
         "batch_interval": "50ms",
         "request_timeout": "10s",
@@ -210,14 +202,6 @@ def fluent_bit(
 
 
 # --- what arrived ---------------------------------------------------------------------------
-
-
-def wait_for(condition: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def missing(emulator: Emulator, sent: Counter[str]) -> dict[str, int]:

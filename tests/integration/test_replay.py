@@ -13,9 +13,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,6 @@ import pytest
 from auditrelay.config import BUNDLED_POLICY
 from auditrelay.deadletter import payload_of, read_letters
 from auditrelay.emulator import (
-    DEFAULT_DCR_ID,
     Emulator,
     EmulatorSettings,
     Fault,
@@ -38,10 +36,10 @@ from auditrelay.fluentbit_conf import select_output
 from auditrelay.model import AuditEvent
 from auditrelay.stream import COLUMN_TYPES, STREAM_NAME
 from fixtures.chunks import AUDIT_LOG, sample_lines
+from harness.emulator import emulator_destination
+from harness.fluentbit import wait_for
 
 SIDECAR = Path(__file__).resolve().parents[2] / "sidecar"
-TENANT = "72f988bf-0000-0000-0000-00000000abcd"
-CLIENT = "0a1b2c3d-0000-0000-0000-00000000abcd"
 
 
 @pytest.fixture
@@ -56,14 +54,7 @@ def emulator(tmp_path: Path) -> Iterator[Emulator]:
 def endpoint_properties(emulator: Emulator) -> dict[str, str]:
     """The [OUTPUT] properties that point a pipeline at the emulator, with a client secret."""
     return {
-        "endpoint": emulator.endpoint,
-        "endpoint_ca": str(emulator.ca_file),
-        "dcr_id": DEFAULT_DCR_ID,
-        "auth": "client_secret",
-        "authority_host": emulator.authority_host,
-        "tenant_id": TENANT,
-        "client_id": CLIENT,
-        "client_secret": "emulator-accepts-any-secret",
+        **emulator_destination(emulator),
         "batch_interval": "50ms",
     }
 
@@ -160,14 +151,6 @@ def summary(output: str) -> dict[str, str]:
         if sep:
             found[name.strip()] = value.strip()
     return found
-
-
-def wait_for(condition: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        time.sleep(0.05)
 
 
 # --- replaying ------------------------------------------------------------------------------
