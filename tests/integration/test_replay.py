@@ -210,6 +210,33 @@ def test_a_bad_line_is_reported_with_its_line_number(emulator: Emulator, tmp_pat
     ]
 
 
+def test_json_output_reports_the_run_for_programs(emulator: Emulator, tmp_path: Path) -> None:
+    """--output json prints one JSON document: the totals, what was delivered where, each invalid
+    line with its file, number and reason, and the exit code the run ends with."""
+    good = [line for line in sample_lines() if is_audit_event(parsed(line))][:6]
+    log = tmp_path / "audit.log"
+    log.write_bytes(b"\n".join([*good[:2], b"[1, 2]", *good[2:]]) + b"\n")
+    kept, _, _ = expected_rows(good)
+
+    done = run_replay([log], tmp_path / "state", endpoint_properties(emulator), "--output", "json")
+
+    report = orjson.loads(done.stdout)
+    assert 1 == done.returncode == report["exit_code"], done.stderr
+    assert (7, 6, 1) == (
+        report["totals"]["lines_read"],
+        report["totals"]["events"],
+        report["totals"]["invalid"],
+    )
+    assert [{"path": str(log), "line": 3, "reason": "json_not_object"}] == (
+        report["totals"]["invalid_lines"]
+    )
+    assert (sum(kept.values()), emulator.endpoint, False) == (
+        report["delivered"],
+        report["endpoint"],
+        report["interrupted"],
+    )
+
+
 def test_without_an_endpoint_rows_go_to_the_bundled_emulator(tmp_path: Path) -> None:
     """No endpoint: the bundled emulator runs for the replay, over HTTPS with a real credential,
     and keeps the rows in the state directory, where `auditrelay emulator count` finds them."""
