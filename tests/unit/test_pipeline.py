@@ -11,7 +11,7 @@ from auditrelay.deadletter import DeadLetterStore
 from auditrelay.errors import ConfigError
 from auditrelay.filter import PolicyFilter
 from auditrelay.metrics import Metrics
-from auditrelay.pipeline import PipelineBuilder, StateLayout
+from auditrelay.pipeline import PipelineBuilder, StateLayout, close_dead_letters
 from auditrelay.sink import DeliverySink
 from auditrelay.spools import pipeline_id_for
 
@@ -60,7 +60,7 @@ async def test_a_pipeline_to_an_endpoint_has_every_stage(tmp_path: Path) -> None
         assert "https://dce.example.test" == builder.endpoint(settings)
     finally:
         await sink.stop(0.0)
-        pipeline.dead_letters.close()
+        close_dead_letters(pipeline.dead_letters)
         await builder.aclose()
     assert builder.emulator.running is None  # an endpoint: the emulator never started
 
