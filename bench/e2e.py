@@ -11,14 +11,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.emulator import REPO, RunningEmulator, free_port
+from bench.emulator import RunningEmulator, free_port
 from bench.emulator import emulator as emulator_at
 from bench.results import Stopwatch, process_cpu_seconds
 
@@ -61,16 +60,13 @@ def plugin_and_sidecar(
 ) -> Iterator[tuple[Any, Any, int]]:
     """``auditrelay serve`` started and pinned, the plugin loaded and one [OUTPUT] instance
     initialised against it; yields (proxy, instance, sidecar pid)."""
-    tests = str(REPO / "tests")  # the harness is imported as the tests import it
-    if tests not in sys.path:
-        sys.path.append(tests)
     from auditrelay.devtools.flbproxy import FLUENT_BIT_4_2_8, GoProxy, build_plugin
-    from harness.sidecar import Sidecar
+    from auditrelay.devtools.sidecar import SidecarProcess
 
-    sidecar = Sidecar.on_socket(
+    sidecar = SidecarProcess.on_socket(
         work / "relay.sock",
         work / "sidecar",
-        ["--metrics-address", f"127.0.0.1:{free_port()}", "--log-level", "info"],
+        ["--metrics-address", f"127.0.0.1:{free_port()}"],
     )
     sidecar.start()
     try:
