@@ -92,6 +92,12 @@ def test_choices_are_listed_in_help(path: str, parser: argparse.ArgumentParser) 
 def test_help_has_no_markup(path: str, parser: argparse.ArgumentParser) -> None:
     """--help is read in a terminal: no reStructuredText, Markdown or rich markup in it."""
     texts = [parser.description or ""] + [action.help or "" for action in parser._actions]
+    texts += [  # the one-line help of each sub-command, as the parent's --help lists it
+        choice.help or ""
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for choice in action._choices_actions
+    ]
     marked = [text for text in texts if MARKUP.search(text.replace("%(default)s", ""))]
     assert [] == marked, f"auditrelay {path}"
 
@@ -107,3 +113,18 @@ def test_exit_codes_are_the_same_everywhere() -> None:
             if name.startswith("EXIT_") and isinstance(value, int) and value not in allowed:
                 found[f"{module.name}.{name}"] = value
     assert {} == found
+
+
+@pytest.mark.parametrize(
+    ("path", "parser"), list(commands(build_parser())), ids=lambda x: str(x)[:30]
+)
+def test_sub_commands_are_listed_alike(path: str, parser: argparse.ArgumentParser) -> None:
+    """The COMMAND list of --help reads as one list: each line a lower-case phrase, no full stop."""
+    lines = [
+        choice.help or ""
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for choice in action._choices_actions
+    ]
+    odd = [line for line in lines if not line[:1].islower() or line.endswith(".")]
+    assert [] == odd, f"auditrelay {path}"

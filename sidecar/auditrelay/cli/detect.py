@@ -44,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     """Registers ``auditrelay detect``."""
     parser = subparsers.add_parser(
         "detect",
-        help="Run the detection rules (KQL) locally over audit logs or the emulator's store.",
+        help="run the detection rules (KQL) locally over audit logs or the emulator's store",
         description=plain(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

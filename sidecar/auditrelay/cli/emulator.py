@@ -65,14 +65,14 @@ def add_parser(subparsers: Any) -> None:
     """Registers ``auditrelay emulator`` and its sub-commands."""
     parser = subparsers.add_parser(
         "emulator",
-        help="Local Azure Monitor Logs Ingestion endpoint (HTTPS, Entra tokens, SQLite store).",
+        help="a local Azure Monitor Logs Ingestion endpoint (HTTPS, Entra tokens, SQLite store)",
         description=plain(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.set_defaults(run=run, action=None)
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
 
-    serve = actions.add_parser("serve", help="Run the emulator until interrupted.")
+    serve = actions.add_parser("serve", help="run the emulator until interrupted")
     _add_state_dir(serve)
     serve.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
     serve.add_argument("--port", type=int, default=0, help="TCP port (0: any free port).")
@@ -136,13 +136,13 @@ def add_parser(subparsers: Any) -> None:
     )
     serve.add_argument("--fault-seed", type=int, help="Seed for probabilistic faults.")
 
-    count = actions.add_parser("count", help="How many rows were accepted.")
+    count = actions.add_parser("count", help="how many rows were accepted")
     add_output_option(count)
     _add_state_dir(count)
     count.add_argument("--dcr-id")
     count.add_argument("--stream")
 
-    rows = actions.add_parser("rows", help="Accepted rows, one JSON object each.")
+    rows = actions.add_parser("rows", help="accepted rows, one JSON object each")
     add_output_option(rows)
     _add_state_dir(rows)
     rows.add_argument("--audit-id", help="Only the rows of this auditID.")
@@ -150,17 +150,17 @@ def add_parser(subparsers: Any) -> None:
         "--limit", type=int, default=20, help="At most this many rows (default: %(default)s)."
     )
 
-    errors = actions.add_parser("errors", help="The DCR error log (rows dropped or changed).")
+    errors = actions.add_parser("errors", help="the DCR error log (rows dropped or changed)")
     add_output_option(errors)
     _add_state_dir(errors)
     errors.add_argument("--limit", type=int, help="At most this many entries (default: all).")
 
-    requests = actions.add_parser("requests", help="Every ingestion attempt, with its status.")
+    requests = actions.add_parser("requests", help="every ingestion attempt, with its status")
     add_output_option(requests)
     _add_state_dir(requests)
     requests.add_argument("--limit", type=int, help="At most this many attempts (default: all).")
 
-    fault = actions.add_parser("fault", help="Change the faults of a running emulator.")
+    fault = actions.add_parser("fault", help="change the faults of a running emulator")
     add_output_option(fault)
     _add_state_dir(fault)
     fault.add_argument("faults", nargs="*", type=_fault_argument, help="Faults to add.")

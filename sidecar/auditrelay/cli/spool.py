@@ -40,24 +40,24 @@ def add_parser(subparsers: Any) -> None:
     """Registers ``auditrelay spool`` and its actions."""
     parser = subparsers.add_parser(
         "spool",
-        help="List the pipelines' spools; drain or discard an orphaned one.",
+        help="list the pipelines' spools; drain or discard an orphaned one",
         description=plain(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.set_defaults(run=run, action=None)
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
 
-    listing = actions.add_parser("list", help="Every spool: id, destination, bytes, events, state.")
+    listing = actions.add_parser("list", help="every spool: id, destination, bytes, events, state")
     _common(listing)
 
-    drain = actions.add_parser("drain", help="Move an orphan's pending rows to a pipeline.")
+    drain = actions.add_parser("drain", help="move an orphan's pending rows to a pipeline")
     _common(drain)
     drain.add_argument("spool", metavar="SPOOL", help="The orphaned spool's id.")
     drain.add_argument(
         "--to-pipeline", required=True, metavar="ID", help="The pipeline that delivers them."
     )
 
-    gone = actions.add_parser("discard", help="Delete an orphaned spool and its rows.")
+    gone = actions.add_parser("discard", help="delete an orphaned spool and its rows")
     _common(gone)
     gone.add_argument("spool", metavar="SPOOL", help="The orphaned spool's id.")
     gone.add_argument("--yes", action="store_true", help="Really delete its undelivered rows.")
