@@ -1,7 +1,7 @@
 """End to end: out_auditrelay.so driven the way Fluent Bit's Go proxy drives it, the real
 ``auditrelay serve`` process, the emulator.
 
-This process plays Fluent Bit on CPU 0 (``auditrelay.flbproxy`` loads the plugin with ctypes and calls ``FLBPluginFlushCtx`` per chunk, retrying on FLB_RETRY) beside the
+This process plays Fluent Bit on CPU 0 (``auditrelay.devtools.flbproxy`` loads the plugin with ctypes and calls ``FLBPluginFlushCtx`` per chunk, retrying on FLB_RETRY) beside the
 emulator; the sidecar process and all its threads are pinned to CPU 1. The clock stops when
 the emulator holds every row the policy keeps.
 """
@@ -11,14 +11,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.emulator import REPO, RunningEmulator, free_port
+from bench.emulator import RunningEmulator, free_port
 from bench.emulator import emulator as emulator_at
 from bench.results import Stopwatch, process_cpu_seconds
 
@@ -61,16 +60,13 @@ def plugin_and_sidecar(
 ) -> Iterator[tuple[Any, Any, int]]:
     """``auditrelay serve`` started and pinned, the plugin loaded and one [OUTPUT] instance
     initialised against it; yields (proxy, instance, sidecar pid)."""
-    tests = str(REPO / "tests")  # the harness is imported as the tests import it
-    if tests not in sys.path:
-        sys.path.append(tests)
-    from auditrelay.flbproxy import FLUENT_BIT_4_2_8, GoProxy, build_plugin
-    from harness.sidecar import Sidecar
+    from auditrelay.devtools.flbproxy import FLUENT_BIT_4_2_8, GoProxy, build_plugin
+    from auditrelay.devtools.sidecar import SidecarProcess
 
-    sidecar = Sidecar.on_socket(
+    sidecar = SidecarProcess.on_socket(
         work / "relay.sock",
         work / "sidecar",
-        ["--metrics-address", f"127.0.0.1:{free_port()}", "--log-level", "info"],
+        ["--metrics-address", f"127.0.0.1:{free_port()}"],
     )
     sidecar.start()
     try:
@@ -103,7 +99,7 @@ def flush_all(
 
     With ``workers`` > 1, that many threads flush at once, as Fluent Bit's output workers do.
     """
-    from auditrelay.flbproxy import Result
+    from auditrelay.devtools.flbproxy import Result
 
     source = iter(chunks)
     lock = threading.Lock()

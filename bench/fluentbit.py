@@ -16,7 +16,6 @@ import json
 import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -157,15 +156,12 @@ def run_null(
 @contextlib.contextmanager
 def sidecar(work: Path, cpu: int | None) -> Iterator[tuple[str, int]]:
     """``auditrelay serve`` on a Unix socket (pinned to ``cpu``); yields (address, pid)."""
-    tests = str(REPO / "tests")  # the harness is imported as the tests import it
-    if tests not in sys.path:
-        sys.path.append(tests)
-    from harness.sidecar import Sidecar
+    from auditrelay.devtools.sidecar import SidecarProcess
 
-    process = Sidecar.on_socket(
+    process = SidecarProcess.on_socket(
         work / "relay.sock",
         work / "sidecar",
-        ["--metrics-address", f"127.0.0.1:{free_port()}", "--log-level", "info"],
+        ["--metrics-address", f"127.0.0.1:{free_port()}"],
     )
     process.start()
     try:

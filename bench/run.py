@@ -680,7 +680,7 @@ def fluent_bit_options(parser: argparse.ArgumentParser) -> None:
     fluent_bit_options,
 )
 def run_fluent_bit(args: argparse.Namespace, result: Result) -> None:
-    from auditrelay.flbproxy import build_plugin
+    from auditrelay.devtools.flbproxy import build_plugin
 
     from bench import fluentbit
     from bench.expected import expected_rows

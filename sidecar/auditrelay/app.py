@@ -15,12 +15,11 @@ A chunk that is not msgpack at all is set aside whole and ACCEPTED: retrying can
 REJECTED (FLB_ERROR) would make Fluent Bit drop it without a trace. The sink raising
 ``SpoolError`` (``SpoolFullError`` when full) becomes RETRY_LATER in ``receive``.
 
-Each pipeline gets the audit-policy filter (``filter.PolicyFilter`` for its ``policy``
-property) and a ``sink.DeliverySink``: its spool under ``<state_dir>/spool/<pipeline_id>/``,
-delivering to its ``endpoint``, or, when the pipeline names none, to the bundled emulator,
-which then runs in this process (state under ``<state_dir>/emulator/``, started once, the
-first time a pipeline needs it). Sinks start on Configure and, at shutdown, deliver what they
-hold for up to ``drain_seconds`` before they stop; the rest waits in the spool.
+Each pipeline is built by ``pipeline.PipelineBuilder`` (the same code ``replay`` builds its
+pipeline with): the audit-policy filter, dead letters under ``<state_dir>/deadletter/``, and a
+``sink.DeliverySink`` with its spool under ``<state_dir>/spool/<pipeline_id>/``, delivering to
+its ``endpoint`` or to the bundled emulator. Sinks start on Configure and, at shutdown, deliver
+what they hold for up to ``drain_seconds`` before they stop; the rest waits in the spool.
 
 ``EventFilter.apply`` runs on the single decode thread (never concurrently with itself);
 ``EventSink.append`` runs on the event loop; a ``RowSink``'s ``RowWriter`` is filled and
@@ -34,35 +33,31 @@ import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Final, Protocol, runtime_checkable
+from typing import Final
 
 import structlog
 
 from auditrelay import __version__
 from auditrelay.config import PipelineSettings, ServerSettings
-from auditrelay.deadletter import DeadLetterStore
 from auditrelay.decode import ChunkStream, Reason
 from auditrelay.embedded import EmbeddedEmulator
-from auditrelay.errors import (
-    ConfigError,
-    DecodeError,
-    PolicyError,
-    PropertyProblem,
-    SpoolError,
-)
-from auditrelay.filter import PolicyFilter
-from auditrelay.metrics import HealthServer, Metrics, PipelineMetrics
-from auditrelay.model import (
-    AuditEvent,
-    DeadLetter,
-    DeadLetterSink,
-    EventFilter,
-    EventSink,
-    PushResult,
-    PushStatus,
-    RowSink,
+from auditrelay.errors import ConfigError, DecodeError, PropertyProblem, SpoolError
+from auditrelay.metrics import HealthServer, Metrics
+from auditrelay.model import AuditEvent, DeadLetter, EventSink, PushResult, PushStatus, RowSink
+from auditrelay.pipeline import (
+    Closable,
+    DeadLetterFactory,
+    FilterFactory,
+    HasProblems,
+    Pipeline,
+    PipelineBuilder,
+    PipelineCounters,
+    SinkFactory,
+    StateLayout,
+    close_dead_letters,
+    stop_sink,
 )
 from auditrelay.receive import PipelineNotFoundError, RelayServer
 from auditrelay.sink import DeliverySink
@@ -74,84 +69,13 @@ from auditrelay.spools import (
     pipeline_id_for,
     record_owners,
     rename_unused,
-    write_destination,
 )
 
 log = structlog.get_logger("auditrelay.app")
 
-FilterFactory = Callable[[PipelineSettings], EventFilter]
-SinkFactory = Callable[[PipelineSettings, str], EventSink]
-DeadLetterFactory = Callable[[PipelineSettings, str], DeadLetterSink]
-
 SHUTDOWN_GRACE_SECONDS: Final = 10.0
 DRAIN_SECONDS: Final = 10.0
 ORPHAN_CHECK_SECONDS: Final = 5.0
-
-
-@runtime_checkable
-class Startable(Protocol):
-    """A sink with background work: started on Configure, stopped (drained) at shutdown."""
-
-    async def start(self) -> None:
-        """Opens what the sink needs and starts its background work."""
-
-    async def stop(self, drain_seconds: float) -> None:
-        """Finishes what it can within ``drain_seconds``, then releases everything."""
-
-
-@runtime_checkable
-class Closable(Protocol):
-    """A sink or filter with resources to release at shutdown (flush, close files, stop tasks)."""
-
-    async def aclose(self) -> None:
-        """Releases the resources; called once at shutdown."""
-
-
-@runtime_checkable
-class HasProblems(Protocol):
-    """A sink that can say why it is not ready (what /readyz reports)."""
-
-    def problems(self) -> list[str]:
-        """Why the pipeline is not ready; empty when it is."""
-
-
-# --- counters (also exported as Prometheus metrics) ---------------------------------------------
-
-
-@dataclass(slots=True)
-class PipelineCounters:
-    """Totals of one pipeline since start, for tests and tools; /metrics has the same counts
-    from ``App.metrics``, incremented alongside."""
-
-    chunks_received: int = 0
-    chunk_bytes_received: int = 0
-    chunks_accepted: int = 0
-    chunks_retry_later: int = 0
-    chunks_not_msgpack: int = 0
-    records_seen: int = 0
-    events_received: int = 0
-    events_accepted: int = 0
-    events_filtered: int = 0
-    events_invalid: int = 0
-    invalid_by_reason: dict[str, int] = field(default_factory=dict)
-
-
-# --- pipelines ---------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Pipeline:
-    """One ``[OUTPUT]`` instance's stages."""
-
-    pipeline_id: str
-    settings: PipelineSettings
-    event_filter: EventFilter
-    sink: EventSink
-    dead_letters: DeadLetterSink
-    metrics: PipelineMetrics
-    counters: PipelineCounters = field(default_factory=PipelineCounters)
-    pushes: int = 0  # in flight; a rebuild waits for them to finish
-    settled: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass(slots=True)
@@ -168,20 +92,11 @@ class _Outcome:
     deferred: SpoolError | None = None  # the RowSink's append failed
 
 
-def deadletter_store_factory(server: ServerSettings) -> DeadLetterFactory:
-    """Dead letters of a pipeline go under <state_dir>/deadletter/<pipeline_id>/."""
-
-    def build(settings: PipelineSettings, pipeline_id: str) -> DeadLetterSink:
-        return DeadLetterStore(server.state_dir / "deadletter" / pipeline_id)
-
-    return build
-
-
 class App:
     """The sidecar: a registry of pipelines and the Push flow; implements receive.RelayHandler.
 
-    By default each pipeline gets ``PolicyFilter`` and a ``DeliverySink``; tests may plug in
-    their own filter and sink factories.
+    Pipelines are built by ``pipeline.PipelineBuilder`` in serve's state layout; tests may
+    plug in their own filter, sink and dead-letter factories.
     """
 
     def __init__(
@@ -196,11 +111,14 @@ class App:
         drain_seconds: float = DRAIN_SECONDS,
     ) -> None:
         self.settings = settings
-        self.filter_factory = filter_factory or self._policy_filter
-        self.sink_factory = sink_factory
-        self.deadletter_factory = deadletter_factory or deadletter_store_factory(settings)
         self.metrics = metrics or Metrics()
-        self.emulator = EmbeddedEmulator(settings.state_dir / "emulator")
+        self.builder = PipelineBuilder(
+            StateLayout(settings.state_dir),
+            self.metrics,
+            filter_factory=filter_factory,
+            sink_factory=sink_factory,
+            deadletter_factory=deadletter_factory,
+        )
         self.drain_seconds = drain_seconds
         self.pipelines: dict[str, Pipeline] = {}
         self._offload = offload
@@ -208,7 +126,6 @@ class App:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auditrelay-decode")
         self._configure_lock = asyncio.Lock()
         self._rebuilding: dict[str, asyncio.Event] = {}  # pushes to these wait
-        self._policies_logged: set[Path] = set()
         self.orphans = OrphanWatch(
             self.spool_root,
             lambda: tuple(self.pipelines),
@@ -235,8 +152,8 @@ class App:
             changed: list[str] = []
             if current is None:
                 self._adopt_legacy_directories(pipeline_id, instance_name, properties)
-                self.pipelines[pipeline_id] = await self._build_pipeline(settings, pipeline_id)
-                if self.sink_factory is None:
+                self.pipelines[pipeline_id] = await self.builder.build(settings, pipeline_id)
+                if not self.builder.custom_sinks:
                     record_owners(self.spool_root, self.pipelines)
             elif current.settings != settings:
                 changed = _changed_settings(current.settings, settings)
@@ -261,9 +178,14 @@ class App:
         return sink.adopt if isinstance(sink, DeliverySink) else None
 
     @property
+    def emulator(self) -> EmbeddedEmulator:
+        """The bundled emulator of the pipelines that name no endpoint."""
+        return self.builder.emulator
+
+    @property
     def spool_root(self) -> Path:
         """Where the pipelines' spools live: ``<state_dir>/spool``."""
-        return self.settings.state_dir / "spool"
+        return self.builder.layout.spool_root
 
     def _adopt_legacy_directories(
         self, pipeline_id: str, instance_name: str, properties: Mapping[str, str]
@@ -271,7 +193,7 @@ class App:
         """Renames the spool and dead letters an earlier version kept under the old id (a hash of
         every property) to the new id, when nothing uses them and the new id has none yet."""
         legacy = legacy_pipeline_id(instance_name, properties)
-        if legacy == pipeline_id or self.sink_factory is not None:
+        if legacy == pipeline_id or self.builder.custom_sinks:
             return
         state = self.settings.state_dir
         try:
@@ -292,14 +214,16 @@ class App:
         delivery stops (what it had in flight stays in the spool and is sent again), and the
         pipeline starts over on the same spool. If the new settings cannot start, the old ones
         are restored and the error is Configure's answer."""
-        event_filter = self._build_filter(settings)  # a bad policy fails before anything stops
+        event_filter = self.builder.build_filter(
+            settings
+        )  # a bad policy fails before anything stops
         gate = asyncio.Event()
         self._rebuilding[pipeline.pipeline_id] = gate
         try:
             while pipeline.pushes:
                 pipeline.settled.clear()
                 await pipeline.settled.wait()
-            await _stop_sink(pipeline.sink)
+            await stop_sink(pipeline.sink)
             try:
                 sink = await self._start_sink(settings, pipeline)
             except BaseException:
@@ -316,58 +240,8 @@ class App:
             gate.set()
 
     async def _start_sink(self, settings: PipelineSettings, pipeline: Pipeline) -> EventSink:
-        sink = await self._build_sink(
+        return await self.builder.start_sink(
             settings, pipeline.pipeline_id, pipeline.metrics, pipeline.dead_letters
-        )
-        if isinstance(sink, Startable):
-            await sink.start()
-        return sink
-
-    async def _build_pipeline(self, settings: PipelineSettings, pipeline_id: str) -> Pipeline:
-        event_filter = self._build_filter(settings)
-        dead_letters = self.deadletter_factory(settings, pipeline_id)
-        metrics = self.metrics.pipeline(pipeline_id)
-        sink = await self._build_sink(settings, pipeline_id, metrics, dead_letters)
-        if isinstance(sink, Startable):
-            await sink.start()
-        return Pipeline(pipeline_id, settings, event_filter, sink, dead_letters, metrics)
-
-    def _build_filter(self, settings: PipelineSettings) -> EventFilter:
-        """The pipeline's filter; a policy file that cannot be used is the `policy` property's fault."""
-        try:
-            return self.filter_factory(settings)
-        except PolicyError as error:
-            problem = PropertyProblem("policy", str(settings.policy), f"an audit policy: {error}")
-            raise ConfigError([problem]) from error
-
-    def _policy_filter(self, settings: PipelineSettings) -> PolicyFilter:
-        """``PolicyFilter`` for the pipeline's policy; its warnings are logged once per file."""
-        event_filter = PolicyFilter.from_file(settings.policy)
-        warnings = event_filter.policy.policy.warnings
-        if warnings and settings.policy not in self._policies_logged:
-            self._policies_logged.add(settings.policy)
-            log.warning(
-                "policy_loaded_with_warnings", policy=str(settings.policy), warnings=warnings
-            )
-        return event_filter
-
-    async def _build_sink(
-        self,
-        settings: PipelineSettings,
-        pipeline_id: str,
-        metrics: PipelineMetrics,
-        dead_letters: DeadLetterSink,
-    ) -> EventSink:
-        if self.sink_factory is not None:
-            return self.sink_factory(settings, pipeline_id)
-        directory = self.spool_root / pipeline_id
-        write_destination(directory, pipeline_id, settings)
-        if settings.uses_emulator:
-            return await self.emulator.sink_for(
-                settings, directory=directory, metrics=metrics, dead_letters=dead_letters
-            )
-        return DeliverySink(
-            settings, directory=directory, metrics=metrics, dead_letters=dead_letters
         )
 
     async def push(self, pipeline_id: str, tag: str, chunk: bytes) -> PushResult:
@@ -484,7 +358,7 @@ class App:
         and the worker thread."""
         stops: list[Awaitable[None]] = []
         for pipeline in self.pipelines.values():
-            stops.append(_stop_sink(pipeline.sink, self.drain_seconds))
+            stops.append(stop_sink(pipeline.sink, self.drain_seconds))
             if isinstance(pipeline.event_filter, Closable):
                 stops.append(pipeline.event_filter.aclose())
         results = await asyncio.gather(*stops, return_exceptions=True)
@@ -492,19 +366,9 @@ class App:
             if isinstance(result, BaseException):
                 log.error("pipeline_stop_failed", error=str(result))
         for pipeline in self.pipelines.values():
-            close = getattr(pipeline.dead_letters, "close", None)
-            if callable(close):
-                close()
-        await self.emulator.stop()
+            close_dead_letters(pipeline.dead_letters)
+        await self.builder.aclose()
         self._executor.shutdown(wait=True)
-
-
-async def _stop_sink(sink: EventSink, drain_seconds: float = 0.0) -> None:
-    """Stops a sink's delivery (after up to ``drain_seconds`` of it) and releases it."""
-    if isinstance(sink, Startable):
-        await sink.stop(drain_seconds)
-    if isinstance(sink, Closable):
-        await sink.aclose()
 
 
 def _changed_settings(old: PipelineSettings, new: PipelineSettings) -> list[str]:

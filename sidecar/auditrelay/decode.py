@@ -454,6 +454,13 @@ def _texts_or_null(mapping: dict[Any, Any], keys: tuple[str, ...]) -> bool:
     return all(type(value) is str or value is None for value in map(mapping.get, keys))
 
 
+def decode_line(line: bytes) -> AuditEvent | str:
+    """The audit event of one JSON line as kube-apiserver writes it, or the Reason it is set
+    aside for: what a record's ``log`` line goes through, for lines read from a file
+    (``auditrelay replay``) without first packing them into a chunk."""
+    return _event_from_json(line)
+
+
 def audit_problem(fields: dict[Any, Any]) -> str | None:
     """The one rule of what an audit event is, for previews that must agree with serve
     (``auditrelay policy filter``): None, or the Reason it would be set aside for."""

@@ -1,15 +1,14 @@
 """Backfill of existing audit log files through a pipeline (``auditrelay replay``).
 
 Each file (plain, or gzip by its magic bytes) is read as the JSON lines kube-apiserver writes,
-in batches. A batch goes through the same stages a Push does: every line becomes a Fluent Bit
-record ``{"log": <line>}`` that ``decode`` checks like any other, the pipeline's
-``PolicyFilter`` drops or lowers the events, and the ``DeliverySink`` spools, batches and
-delivers the rows. Lines that are not audit events are reported with their file and line
+in batches (``checkpoint``). The pipeline is built by ``pipeline.PipelineBuilder``, as serve
+builds its own; a batch goes through its stages as a Push does: every line is decoded as the
+``log`` line of a Fluent Bit record is (``decode.decode_line``, no msgpack in between), the
+pipeline's ``PolicyFilter`` drops or lowers the events, and the ``DeliverySink`` spools, batches
+and delivers the rows. Lines that are not audit events are reported with their file and line
 number, set aside in the pipeline's dead letters, and never stop the lines after them.
 
-Resuming: after a batch is durable in the spool, the file's checkpoint is written (atomically,
-fsynced): the file's identity (path, inode, size, SHA-256 of its first KiB) and the offset and
-number of the first line not yet spooled. A later run to the same destination and state
+Resuming: after a batch is durable in the spool, the file's checkpoint is written. A later run to the same destination and state
 directory opens the same spool (resending what it still holds) and goes on from each checkpoint,
 so an interruption, even SIGKILL, loses nothing; at most the batch that was being spooled when
 it struck is sent twice. A file whose identity changed (rotated, rewritten) is read from its
@@ -27,36 +26,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gzip
-import hashlib
-import io
 import os
-import re
 import time
-from collections.abc import Callable, Generator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, TextIO
 
-import msgpack
-import orjson
-import yaml
-
+from auditrelay.checkpoint import (
+    BATCH_BYTES,
+    Checkpoint,
+    CheckpointStore,
+    LineBatch,
+    identify,
+    read_batches,
+)
 from auditrelay.config import PipelineSettings, SpoolSync
-from auditrelay.deadletter import DeadLetterStore
-from auditrelay.decode import Reason, decode_chunk
-from auditrelay.embedded import EmbeddedEmulator
+from auditrelay.decode import Reason, decode_line
 from auditrelay.errors import ConfigError, PropertyProblem, SpoolFullError
-from auditrelay.filter import PolicyFilter
 from auditrelay.metrics import Metrics
-from auditrelay.model import AuditEvent, DeadLetter
+from auditrelay.model import AuditEvent, DeadLetter, DeadLetterSink
+from auditrelay.pipeline import Pipeline, PipelineBuilder, StateLayout, close_dead_letters
 from auditrelay.sink import DeliverySink
 from auditrelay.spools import legacy_pipeline_id, pipeline_id_for
 
-HEAD_BYTES: Final = 1024  # the start of a file that, with its inode, identifies it
-BATCH_LINES: Final = 2000
-BATCH_BYTES: Final = 4 << 20
-GZIP_MAGIC: Final = b"\x1f\x8b"
 SPOOL_FULL_PAUSE: Final = 0.1  # seconds between tries while delivery makes room in the spool
 INSTANCE_NAME: Final = "replay"
 SPOOL_SHARE: Final = 8  # a batch of lines is at most this fraction of spool_limit
@@ -72,277 +65,6 @@ REASON_TEXT: Final = {
     Reason.MISSING_LEVEL: "no level",
     Reason.NON_UTF8: "not valid UTF-8",
 }
-
-
-# --- files and checkpoints ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class FileIdentity:
-    """What tells one audit log file from another that later took its path."""
-
-    path: str
-    inode: int
-    size: int
-    head_sha256: str
-    head_bytes: int
-
-
-def identify(path: Path) -> FileIdentity:
-    """The identity of the file at ``path`` as it is now."""
-    with path.open("rb") as handle:
-        stat = os.fstat(handle.fileno())
-        head = handle.read(HEAD_BYTES)
-    return FileIdentity(
-        str(path.resolve()), stat.st_ino, stat.st_size, hashlib.sha256(head).hexdigest(), len(head)
-    )
-
-
-def _same_file(recorded: FileIdentity, path: Path, current: FileIdentity) -> bool:
-    """The same inode with the same first bytes (as far as the recorded head went)."""
-    if recorded.inode != current.inode or recorded.head_bytes > current.head_bytes:
-        return False
-    with path.open("rb") as handle:
-        head = handle.read(recorded.head_bytes)
-    return hashlib.sha256(head).hexdigest() == recorded.head_sha256
-
-
-@dataclass(frozen=True, slots=True)
-class Checkpoint:
-    """How far one file is durably spooled: ``offset`` bytes of its (decompressed) text, which
-    are its first ``line`` lines; ``complete`` once its last line is spooled."""
-
-    identity: FileIdentity
-    offset: int
-    line: int
-    complete: bool = False
-
-
-class CheckpointStore:
-    """One checkpoint file per input file, written atomically and fsynced."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-
-    def path_for(self, source: Path) -> Path:
-        """Where the checkpoint of ``source`` lives."""
-        digest = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:32]
-        return self.directory / f"{digest}.json"
-
-    def load(self, source: Path, current: FileIdentity) -> Checkpoint | None:
-        """The checkpoint of this very file, or None (never read, or a different file now)."""
-        try:
-            document = orjson.loads(self.path_for(source).read_bytes())
-            checkpoint = Checkpoint(
-                identity=FileIdentity(**document["identity"]),
-                offset=int(document["offset"]),
-                line=int(document["line"]),
-                complete=bool(document["complete"]),
-            )
-        except FileNotFoundError:
-            return None
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            return None  # a damaged checkpoint: reading again from the start loses nothing
-        if not _same_file(checkpoint.identity, source, current):
-            return None
-        return checkpoint
-
-    def save(self, source: Path, checkpoint: Checkpoint) -> None:
-        """Replaces the checkpoint of ``source``; on return it survives a crash."""
-        target = self.path_for(source)
-        temporary = target.with_suffix(".tmp")
-        data = orjson.dumps(asdict(checkpoint), option=orjson.OPT_INDENT_2)
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(descriptor, data)
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        os.replace(temporary, target)
-        directory = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-
-@dataclass(slots=True)
-class LineBatch:
-    """Consecutive lines of one file: the first one's number, and where the batch ends."""
-
-    lines: list[bytes]
-    first_line: int  # 1-based number of lines[0]
-    end_offset: int  # text offset just after the batch
-    end_line: int  # lines of the file up to and including the batch
-    raw_position: int  # bytes of the file on disk consumed so far (progress)
-
-
-def _open_text(path: Path) -> tuple[io.BufferedReader, io.BufferedIOBase]:
-    """The file on disk, and its text: the same object, or a gzip reader over it."""
-    raw = path.open("rb")
-    if raw.read(2) == GZIP_MAGIC:
-        raw.seek(0)
-        return raw, gzip.GzipFile(fileobj=raw, mode="rb")
-    raw.seek(0)
-    return raw, raw
-
-
-def read_batches(
-    path: Path, offset: int, line: int, max_bytes: int = BATCH_BYTES
-) -> Generator[LineBatch, None, None]:
-    """The lines of ``path`` after the first ``offset`` bytes (``line`` lines) of its text."""
-    raw, text = _open_text(path)
-    with raw, text:
-        if text is raw:
-            raw.seek(offset)
-        else:
-            _skip(text, offset)
-        lines: list[bytes] = []
-        size = 0
-        first = line + 1
-        for current in text:
-            offset += len(current)
-            line += 1
-            lines.append(current)
-            size += len(current)
-            if len(lines) >= BATCH_LINES or size >= max_bytes:
-                yield LineBatch(lines, first, offset, line, raw.tell())
-                lines, size, first = [], 0, line + 1
-        if lines:
-            yield LineBatch(lines, first, offset, line, raw.tell())
-
-
-def _skip(text: io.BufferedIOBase, count: int) -> None:
-    """Reads and discards ``count`` bytes (a gzip stream cannot seek cheaply)."""
-    left = count
-    while left > 0:
-        block = text.read(min(left, 1 << 20))
-        if not block:
-            break
-        left -= len(block)
-
-
-# --- the [OUTPUT] section of a Fluent Bit configuration ----------------------------------------
-
-# Keys Fluent Bit keeps for itself in an [OUTPUT] section; they never reach the plugin.
-FLUENT_BIT_OUTPUT_KEYS: Final = frozenset(
-    {"name", "match", "match_regex", "alias", "log_level", "log_suppress_interval",
-     "retry_limit", "workers", "host", "port", "event_type", "processors"}
-)  # fmt: skip
-FLUENT_BIT_OUTPUT_PREFIXES: Final = ("tls", "net.", "storage.")
-_VARIABLE: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-@dataclass(frozen=True, slots=True)
-class OutputSection:
-    """One ``[OUTPUT] Name auditrelay`` section: its instance name and its keys."""
-
-    instance_name: str  # auditrelay.N in the order Fluent Bit creates them
-    alias: str | None
-    keys: dict[str, str]
-
-    def properties(self) -> dict[str, str]:
-        """The plugin's properties: the section without the keys Fluent Bit keeps."""
-        return {
-            key: value
-            for key, value in self.keys.items()
-            if key not in FLUENT_BIT_OUTPUT_KEYS and not key.startswith(FLUENT_BIT_OUTPUT_PREFIXES)
-        }
-
-
-def _expand(value: str, variables: Mapping[str, str]) -> str:
-    """Fluent Bit's ${VAR}: a @SET/env variable, else the environment, else empty."""
-    return _VARIABLE.sub(lambda match: variables.get(match[1], os.environ.get(match[1], "")), value)
-
-
-def _problem(path: Path, expected: str) -> ConfigError:
-    return ConfigError([PropertyProblem("--config", str(path), expected)])
-
-
-def _classic_outputs(path: Path, variables: dict[str, str], depth: int = 0) -> list[dict[str, str]]:
-    """The [OUTPUT] sections of a classic-format file, following @INCLUDE, applying @SET."""
-    if depth > 8:
-        raise _problem(path, "an @INCLUDE chain of at most 8 files")
-    outputs: list[dict[str, str]] = []
-    current: dict[str, str] | None = None
-    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        line = text.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("@SET "):
-            key, _, value = line[5:].strip().partition("=")
-            variables[key.strip()] = _expand(value.strip(), variables)
-        elif line.startswith("@INCLUDE "):
-            pattern = line[9:].strip()
-            for included in sorted(path.parent.glob(pattern)) or [path.parent / pattern]:
-                outputs += _classic_outputs(included, variables, depth + 1)
-        elif line.startswith("["):
-            if not line.endswith("]"):
-                raise _problem(path, f"a [SECTION] header on line {number}, got {line!r}")
-            current = {} if line[1:-1].strip().upper() == "OUTPUT" else None
-            if current is not None:
-                outputs.append(current)
-        elif current is not None:
-            key, _, value = line.partition(" ")
-            current[key.lower()] = _expand(value.strip(), variables)
-    return outputs
-
-
-def _yaml_outputs(path: Path) -> list[dict[str, str]]:
-    """The pipeline.outputs entries of a YAML-format file, with its env: variables."""
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise _problem(path, f"a YAML Fluent Bit configuration ({error})") from None
-    if not isinstance(document, dict):
-        raise _problem(path, "a YAML mapping with pipeline: outputs:")
-    variables = {str(k): str(v) for k, v in (document.get("env") or {}).items()}
-    outputs = (document.get("pipeline") or {}).get("outputs") or []
-    return [
-        {str(key).lower(): _expand(_yaml_text(value), variables) for key, value in entry.items()}
-        for entry in outputs
-        if isinstance(entry, dict)
-    ]
-
-
-def _yaml_text(value: object) -> str:
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return str(value)
-
-
-def output_sections(path: Path) -> list[OutputSection]:
-    """Every auditrelay output of a Fluent Bit configuration file (classic or YAML)."""
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            outputs = _yaml_outputs(path)
-        else:
-            outputs = _classic_outputs(path, {})
-    except OSError as error:
-        raise _problem(path, f"a readable Fluent Bit configuration ({error.strerror})") from None
-    ours = [keys for keys in outputs if keys.get("name", "").lower() == "auditrelay"]
-    return [
-        OutputSection(f"auditrelay.{index}", keys.get("alias"), keys)
-        for index, keys in enumerate(ours)
-    ]
-
-
-def select_output(path: Path, wanted: str | None) -> OutputSection:
-    """The one auditrelay output of the file, or the one named (alias or auditrelay.N)."""
-    sections = output_sections(path)
-    names = ", ".join(section.alias or section.instance_name for section in sections)
-    if wanted is not None:
-        for section in sections:
-            if wanted in (section.alias, section.instance_name):
-                return section
-        raise ConfigError(
-            [PropertyProblem("--output", wanted, f"one of the auditrelay outputs: {names}")]
-        )
-    if len(sections) != 1:
-        found = f"{len(sections)}: {names}" if sections else "none"
-        raise _problem(path, f"exactly one [OUTPUT] Name auditrelay, or --output (found {found})")
-    return sections[0]
 
 
 # --- one batch through decode and filter -------------------------------------------------------
@@ -374,36 +96,27 @@ class BatchOutcome:
 def process_batch(
     path: Path, batch: LineBatch, apply: Callable[[AuditEvent], AuditEvent | None]
 ) -> BatchOutcome:
-    """Decodes the lines as Fluent Bit ``log`` records and applies the filter to the events."""
-    pack = msgpack.Packer(use_bin_type=True).pack
-    packed: list[bytes] = []
-    numbers: list[int] = []
-    blank = 0
+    """Decodes each line as the ``log`` of a Fluent Bit record would be, and applies the filter
+    to the events; a line that is not an audit event becomes a dead letter of its own."""
+    kept: list[AuditEvent] = []
+    invalid: list[InvalidLine] = []
+    letters: list[DeadLetter] = []
+    events = blank = 0
     for number, line in enumerate(batch.lines, start=batch.first_line):
         text = line.rstrip(b"\r\n")
         if not text.strip():
             blank += 1
             continue
-        packed.append(pack([0, {"log": text}]))
-        numbers.append(number)
-    if not packed:
-        return BatchOutcome([], 0, [], [], blank)
-    decoded = decode_chunk(b"".join(packed), f"replay:{path}")
-    kept = [lowered for event in decoded.events if (lowered := apply(event)) is not None]
-    invalid: list[InvalidLine] = []
-    letters: list[DeadLetter] = []
-    if decoded.dead_letters:
-        where: dict[bytes, list[int]] = {}
-        for event_bytes, number in zip(packed, numbers, strict=True):
-            where.setdefault(event_bytes, []).append(number)
-        lines = {number: batch.lines[number - batch.first_line] for number in numbers}
-        for letter in decoded.dead_letters:
-            number = where[letter.payload].pop(0)
-            invalid.append(InvalidLine(path, number, letter.reason))
-            letters.append(
-                DeadLetter(letter.reason, lines[number].rstrip(b"\r\n"), f"{path}:{number}")
-            )
-    return BatchOutcome(kept, len(decoded.events), invalid, letters, blank)
+        decoded = decode_line(text)
+        if isinstance(decoded, str):
+            invalid.append(InvalidLine(path, number, decoded))
+            letters.append(DeadLetter(decoded, text, f"{path}:{number}"))
+            continue
+        events += 1
+        lowered = apply(decoded)
+        if lowered is not None:
+            kept.append(lowered)
+    return BatchOutcome(kept, events, invalid, letters, blank)
 
 
 # --- totals and progress -----------------------------------------------------------------------
@@ -533,14 +246,15 @@ class Replay:
         self.stop = stop
         self.settings = PipelineSettings.from_properties(options.properties, INSTANCE_NAME)
         self.pipeline_id = pipeline_id_for(self.settings)
-        self.base = options.state_dir / "replay" / self.pipeline_id
-        legacy = (
-            options.state_dir / "replay" / legacy_pipeline_id(INSTANCE_NAME, options.properties)
+        self.metrics = Metrics()
+        self.builder = PipelineBuilder(StateLayout.for_replay(options.state_dir), self.metrics)
+        self.builder.build_filter(self.settings)  # a bad policy is bad input before any work
+        self.base = self.builder.layout.pipeline_dir(self.pipeline_id)
+        legacy = self.builder.layout.pipeline_dir(
+            legacy_pipeline_id(INSTANCE_NAME, options.properties)
         )
         if legacy.is_dir() and not self.base.exists():
             legacy.rename(self.base)  # a run of an earlier version, named by every property
-        self.filter = PolicyFilter.from_file(self.settings.policy)
-        self.metrics = Metrics()
         self.totals = Totals()
         self.progress = Progress(
             progress_stream,
@@ -550,14 +264,19 @@ class Replay:
         # A batch is spooled whole: a small spool gets small batches, so one always fits.
         self.batch_bytes = max(1, min(BATCH_BYTES, self.settings.spool_limit // SPOOL_SHARE))
         self._done_bytes = 0  # of the files finished or skipped
-        self._sink: DeliverySink | None = None
+        self._pipeline: Pipeline | None = None
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The pipeline (while running)."""
+        if self._pipeline is None:
+            raise RuntimeError("replay: the pipeline is not started")
+        return self._pipeline
 
     @property
     def sink(self) -> DeliverySink:
         """The pipeline's sink (while running)."""
-        if self._sink is None:
-            raise RuntimeError("replay: the sink is not started")
-        return self._sink
+        return self.pipeline.delivery()
 
     def _sample(self, name: str) -> int:
         value = self.metrics.registry.get_sample_value(name, {"pipeline": self.pipeline_id})
@@ -566,37 +285,23 @@ class Replay:
     async def run(self) -> ReplayResult:
         """Replays every file, waits for delivery, and says what happened."""
         checkpoints = CheckpointStore(self.base / "checkpoints")
-        dead_letters = DeadLetterStore(self.base / "deadletter")
-        emulator_dir: Path | None = None
         async with contextlib.AsyncExitStack() as stack:
-            stack.callback(dead_letters.close)
-            directory = self.base / "spool"
-            metrics = self.metrics.pipeline(self.pipeline_id)
-            if self.settings.uses_emulator:
-                emulator_dir = self.options.state_dir / "emulator"
-                embedded = EmbeddedEmulator(emulator_dir)
-                stack.push_async_callback(embedded.stop)
-                self._sink = await embedded.sink_for(
-                    self.settings, directory=directory, metrics=metrics, dead_letters=dead_letters
-                )
-                endpoint = embedded.running.endpoint if embedded.running else ""
-            else:
-                endpoint = str(self.settings.endpoint)
-                self._sink = DeliverySink(
-                    self.settings, directory=directory, metrics=metrics, dead_letters=dead_letters
-                )
-            await self._sink.start()
+            stack.push_async_callback(self.builder.aclose)
+            self._pipeline = pipeline = await self.builder.build(self.settings, self.pipeline_id)
+            stack.callback(close_dead_letters, pipeline.dead_letters)
+            sink = self.sink
             delivered_all = False
             try:
                 for path in self.options.files:
                     if self.stop.is_set():
                         break
-                    await self._replay_file(path, checkpoints, dead_letters)
+                    await self._replay_file(path, checkpoints, pipeline.dead_letters)
                 delivered_all = not self.stop.is_set() and await self._wait_delivered()
             finally:
-                undelivered = self._sink.spool.pending_bytes
+                undelivered = sink.spool.pending_bytes
+                endpoint = self.builder.endpoint(self.settings)
                 self.progress.done()
-                await self._sink.stop(drain_seconds=0.0 if delivered_all else 1.0)
+                await sink.stop(drain_seconds=0.0 if delivered_all else 1.0)
         return ReplayResult(
             totals=self.totals,
             delivered=self._sample("auditrelay_events_delivered_total"),
@@ -607,11 +312,11 @@ class Replay:
             endpoint=endpoint,
             stream=self.settings.stream,
             interrupted=self.stop.is_set(),
-            emulator_dir=emulator_dir,
+            emulator_dir=self.builder.layout.emulator if self.settings.uses_emulator else None,
         )
 
     async def _replay_file(
-        self, path: Path, checkpoints: CheckpointStore, dead_letters: DeadLetterStore
+        self, path: Path, checkpoints: CheckpointStore, dead_letters: DeadLetterSink
     ) -> None:
         identity = await asyncio.to_thread(identify, path)
         checkpoint = await asyncio.to_thread(checkpoints.load, path, identity)
@@ -630,7 +335,9 @@ class Replay:
                 batch = await asyncio.to_thread(next, batches, None)
                 if batch is None:
                     break
-                outcome = await asyncio.to_thread(process_batch, path, batch, self.filter.apply)
+                outcome = await asyncio.to_thread(
+                    process_batch, path, batch, self.pipeline.event_filter.apply
+                )
                 if outcome.letters:
                     await asyncio.to_thread(dead_letters.put, outcome.letters)
                 if not await self._append(outcome.kept):

@@ -368,6 +368,7 @@ class ControlPlane:
             server=True,
             client=False,
             dns_names=(
+                "localhost",
                 "kubernetes",
                 "kubernetes.default",
                 "kubernetes.default.svc",

@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
+from auditrelay.devtools.flbproxy import GoProxy, Instance, Result, build_plugin
 from auditrelay.emulator import StoredRow
 from auditrelay.emulator.store import Store
 from auditrelay.filter import PolicyFilter
-from auditrelay.flbproxy import GoProxy, Instance, Result, build_plugin
 from auditrelay.model import AuditEvent
 from fixtures.chunks import event_time, raw_log_event
 from harness.sidecar import Sidecar

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import orjson
 import pytest
+from auditrelay.devtools.flbproxy import GoProxy, build_plugin
 from auditrelay.emulator.store import Store
-from auditrelay.flbproxy import GoProxy, build_plugin
 from harness.sidecar import Sidecar
 
 from controlplane.harness import ScenarioLog

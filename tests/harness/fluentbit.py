@@ -17,9 +17,9 @@ from typing import Any, Final
 
 import orjson
 from auditrelay.config import BUNDLED_POLICY
+from auditrelay.devtools.flbproxy import GoProxy, Instance, Level, Result
 from auditrelay.emulator import Emulator
 from auditrelay.filter import PolicyFilter
-from auditrelay.flbproxy import GoProxy, Instance, Level, Result
 from auditrelay.model import AuditEvent
 from fixtures.chunks import event_time, log_record, v2_event
 

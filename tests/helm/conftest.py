@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from auditrelay.fluentbit_conf import parse_classic
 
 from helm import build
 
@@ -27,21 +28,6 @@ NAMESPACE = "logging"
 
 class RenderError(Exception):
     """helm refused to render the chart; the message is helm's."""
-
-
-def parse_classic(text: str) -> list[tuple[str, dict[str, str]]]:
-    """Fluent Bit's classic format as (section name, {lower-cased key: value}) in file order."""
-    sections: list[tuple[str, dict[str, str]]] = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("[") and line.endswith("]"):
-            sections.append((line[1:-1].upper(), {}))
-            continue
-        key, _, value = line.partition(" ")
-        sections[-1][1][key.lower()] = value.strip()
-    return sections
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from auditrelay.fluentbit_conf import parse_classic
 
 from helm.conftest import (
     CHART,
@@ -21,7 +22,6 @@ from helm.conftest import (
     RenderError,
     RenderText,
     ci_file,
-    parse_classic,
 )
 
 pytestmark = pytest.mark.timeout(900)

@@ -28,12 +28,13 @@ from typing import Any
 
 import pytest
 import yaml
-from auditrelay.flbproxy import build_plugin
+from auditrelay.devtools.flbproxy import build_plugin
+from auditrelay.fluentbit_conf import parse_classic
 from fixtures.chunks import audit_line
 from harness.real_fluent_bit import fluent_bit_binary, needs_fluent_bit
 from harness.sidecar import Sidecar
 
-from helm.conftest import Render, Rendered, ci_file, parse_classic
+from helm.conftest import Render, Rendered, ci_file
 
 DEFAULT_SIDECAR_ADDRESS = "unix:///run/auditrelay/relay.sock"
 HTTP_PORT_LINE = re.compile(r"(?im)^(\s*HTTP_Port\s+)\S+$")

@@ -30,7 +30,6 @@ import pytest
 import structlog
 from auditrelay.config import PipelineSettings
 from auditrelay.emulator import (
-    DEFAULT_DCR_ID,
     Emulator,
     EmulatorSettings,
     Fault,
@@ -45,10 +44,9 @@ from auditrelay.stream import COLUMN_TYPES, STREAM_NAME
 from fixtures.certs import app_registration_certificate
 from fixtures.chunks import sample_lines
 from fixtures.disks import tiny_tmpfs
+from harness.emulator import emulator_destination
 
 SIDECAR = Path(__file__).resolve().parents[2] / "sidecar"
-TENANT = "72f988bf-0000-0000-0000-00000000abcd"
-CLIENT = "0a1b2c3d-0000-0000-0000-00000000abcd"
 # Kinds of DCR error-log entries for rows the table did not take as sent.
 DROPPED_OR_CHANGED = {
     "RecordNotObject",
@@ -143,14 +141,7 @@ def assert_size_refusals(emulator: Emulator, pipeline_lives: int = 1) -> None:
 def pipeline(emulator: Emulator, **properties: str) -> PipelineSettings:
     """Pipeline settings that reach the emulator with the real ClientSecretCredential."""
     base = {
-        "endpoint": emulator.endpoint,
-        "endpoint_ca": str(emulator.ca_file),
-        "dcr_id": DEFAULT_DCR_ID,
-        "auth": "client_secret",
-        "authority_host": emulator.authority_host,
-        "tenant_id": TENANT,
-        "client_id": CLIENT,
-        "client_secret": "emulator-accepts-any-secret",
+        **emulator_destination(emulator),
         "cluster_name": "kind-test",
         "cluster_id": "/subscriptions/0/resourceGroups/rg/providers/Microsoft.Kubernetes/connectedClusters/kind",
         "batch_interval": "50ms",
@@ -706,14 +697,7 @@ async def test_a_sidecar_killed_mid_stream_loses_nothing_it_accepted(
     whose append had returned arrives at least once; duplicates are counted."""
     settings = pipeline(emulator)
     properties = {
-        "endpoint": emulator.endpoint,
-        "endpoint_ca": str(emulator.ca_file),
-        "dcr_id": DEFAULT_DCR_ID,
-        "auth": "client_secret",
-        "authority_host": emulator.authority_host,
-        "tenant_id": TENANT,
-        "client_id": CLIENT,
-        "client_secret": "emulator-accepts-any-secret",
+        **emulator_destination(emulator),
         "batch_interval": "20ms",
     }
     environment = dict(os.environ, PYTHONPATH=str(SIDECAR))

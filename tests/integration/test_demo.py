@@ -11,23 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 from auditrelay.cli.demo import BUNDLED_LOGS
 from auditrelay.config import BUNDLED_POLICY
 from auditrelay.emulator import Store
 from auditrelay.filter import PolicyFilter
-from auditrelay.flbproxy import build_plugin
 from auditrelay.model import AuditEvent
 from fixtures.chunks import audit_line
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_DEADLINE_SECONDS = 180
-
-
-@pytest.fixture(scope="module")
-def plugin_path() -> Path:
-    """The plugin built from this checkout."""
-    return build_plugin()
 
 
 def run_demo(plugin: Path, state_dir: Path, *extra: str) -> tuple[int, str, dict[str, Any]]:

@@ -1,7 +1,7 @@
 """A pipeline's spool belongs to its destination: rotated secrets keep the backlog, and a spool
 whose destination is gone is reported and can be drained into a pipeline, losing nothing.
 
-out_auditrelay.so is driven exactly as Fluent Bit does (auditrelay.flbproxy); a Fluent Bit
+out_auditrelay.so is driven exactly as Fluent Bit does (auditrelay.devtools.flbproxy); a Fluent Bit
 restart with a changed configuration is the plugin exiting, registering again and initialising
 its instance with the new properties. ``auditrelay serve`` runs as a subprocess, the emulator in
 this process; faults, secrets and token revocation go through its API. Events are the bundled
@@ -15,29 +15,20 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from auditrelay.devtools.flbproxy import GoProxy
 from auditrelay.emulator import DEFAULT_DCR_ID, Emulator, EmulatorSettings, Fault, FaultKind
 from auditrelay.emulator import running_in_thread as emulator_in_thread
-from auditrelay.flbproxy import FLUENT_BIT_5_1_1, GoProxy, build_plugin
+from harness.emulator import CLIENT, emulator_destination
 from harness.fluentbit import Chunks, FluentBit, http_get, missing, wait_for
 from harness.sidecar import REPO_ROOT, Sidecar
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # sidecar restarts, CLI runs
 
-TENANT = "72f988bf-0000-0000-0000-00000000abcd"
-CLIENT = "0a1b2c3d-0000-0000-0000-00000000abcd"
 WRONG_DCR_ID = "dcr-11111111111111111111111111111111"
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    """A short directory: a Unix socket path must stay under 108 bytes."""
-    with tempfile.TemporaryDirectory(prefix="ar-id-") as directory:
-        yield Path(directory)
 
 
 @pytest.fixture
@@ -57,32 +48,11 @@ def sidecar(workdir: Path) -> Iterator[Sidecar]:
     started.stop()
 
 
-@pytest.fixture(scope="module")
-def plugin_path() -> Path:
-    return build_plugin()
-
-
-@pytest.fixture
-def proxy(plugin_path: Path) -> Iterator[GoProxy]:
-    loaded = GoProxy(plugin_path, FLUENT_BIT_5_1_1)
-    loaded.register()
-    yield loaded
-    if loaded.registration is not None:
-        loaded.shutdown()
-
-
 def output_section(sidecar: Sidecar, emulator: Emulator, secret: str) -> dict[str, str]:
     return {
         "sidecar_address": sidecar.address,
         "sidecar_wait": "20s",
-        "endpoint": emulator.endpoint,
-        "endpoint_ca": str(emulator.ca_file),
-        "dcr_id": DEFAULT_DCR_ID,
-        "auth": "client_secret",
-        "authority_host": emulator.authority_host,
-        "tenant_id": TENANT,
-        "client_id": CLIENT,
-        "client_secret": secret,
+        **emulator_destination(emulator, secret),
         "batch_interval": "50ms",
         "request_timeout": "10s",
     }

@@ -4,68 +4,22 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 from auditrelay.config import PROPERTY_BY_NAME, PipelineSettings
+from auditrelay.fluentbit_conf import Section, parse_classic, parse_yaml, plugin_properties
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "fluent-bit" / "conf"
 README = REPO_ROOT / "README.md"
 
-# Keys of an [OUTPUT] section that Fluent Bit consumes itself; the plugin never sees them.
-FLUENT_BIT_OUTPUT_KEYS = {"name", "match", "match_regex", "alias", "workers", "retry_limit"}
-FLUENT_BIT_OUTPUT_PREFIXES = ("storage.", "tls", "net.")
 
-
-def classic_sections(text: str) -> list[tuple[str, dict[str, str]]]:
-    """The sections of a classic-format file, keys lower-cased, comments skipped."""
-    sections: list[tuple[str, dict[str, str]]] = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("[") and line.endswith("]"):
-            sections.append((line[1:-1].upper(), {}))
-            continue
-        key, _, value = line.partition(" ")
-        sections[-1][1][key.lower()] = value.strip()
-    return sections
-
-
-def auditrelay_outputs_classic(text: str) -> list[dict[str, str]]:
-    """The [OUTPUT] sections named auditrelay."""
+def auditrelay_outputs(sections: list[Section]) -> list[dict[str, str]]:
+    """The [OUTPUT] sections named auditrelay, keys as Fluent Bit reads them."""
     return [
-        keys
-        for name, keys in classic_sections(text)
-        if name == "OUTPUT" and keys.get("name") == "auditrelay"
+        keys for name, keys in sections if name == "OUTPUT" and keys.get("name") == "auditrelay"
     ]
-
-
-def auditrelay_outputs_yaml(document: dict[str, Any]) -> list[dict[str, str]]:
-    """The pipeline outputs named auditrelay, values as Fluent Bit reads them (text)."""
-    outputs = document["pipeline"]["outputs"]
-    return [
-        {str(key).lower(): _text(value) for key, value in output.items()}
-        for output in outputs
-        if output.get("name") == "auditrelay"
-    ]
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return str(value)
-
-
-def plugin_properties(section: dict[str, str]) -> dict[str, str]:
-    """The keys Fluent Bit passes on to the plugin."""
-    return {
-        key: value
-        for key, value in section.items()
-        if key not in FLUENT_BIT_OUTPUT_KEYS and not key.startswith(FLUENT_BIT_OUTPUT_PREFIXES)
-    }
 
 
 def readme_blocks(language: str) -> list[str]:
@@ -78,21 +32,21 @@ def all_examples() -> list[tuple[str, dict[str, str]]]:
     examples = [
         (f"conf/fluent-bit.conf #{i}", section)
         for i, section in enumerate(
-            auditrelay_outputs_classic((CONF_DIR / "fluent-bit.conf").read_text())
+            auditrelay_outputs(parse_classic((CONF_DIR / "fluent-bit.conf").read_text()))
         )
     ]
     examples += [
         (f"conf/fluent-bit.yaml #{i}", section)
         for i, section in enumerate(
-            auditrelay_outputs_yaml(yaml.safe_load((CONF_DIR / "fluent-bit.yaml").read_text()))
+            auditrelay_outputs(parse_yaml((CONF_DIR / "fluent-bit.yaml").read_text()))
         )
     ]
     for block in readme_blocks("ini"):
-        examples += [("README ini", section) for section in auditrelay_outputs_classic(block)]
-    for block in readme_blocks("yaml"):
         examples += [
-            ("README yaml", section) for section in auditrelay_outputs_yaml(yaml.safe_load(block))
+            ("README ini", section) for section in auditrelay_outputs(parse_classic(block))
         ]
+    for block in readme_blocks("yaml"):
+        examples += [("README yaml", section) for section in auditrelay_outputs(parse_yaml(block))]
     return examples
 
 
@@ -116,14 +70,14 @@ def test_example_output_is_valid(where: str, section: dict[str, str]) -> None:
 
 def test_classic_and_yaml_examples_agree() -> None:
     """The classic and YAML example files configure the same output."""
-    classic = auditrelay_outputs_classic((CONF_DIR / "fluent-bit.conf").read_text())
-    in_yaml = auditrelay_outputs_yaml(yaml.safe_load((CONF_DIR / "fluent-bit.yaml").read_text()))
+    classic = auditrelay_outputs(parse_classic((CONF_DIR / "fluent-bit.conf").read_text()))
+    in_yaml = auditrelay_outputs(parse_yaml((CONF_DIR / "fluent-bit.yaml").read_text()))
     assert classic == in_yaml
 
 
 def test_plugin_files_are_not_taken_for_c_plugins() -> None:
     """The plugin is loaded as out_auditrelay.so: a file named flb-* would be taken for C."""
-    plugins = classic_sections((CONF_DIR / "plugins.conf").read_text())
+    plugins = parse_classic((CONF_DIR / "plugins.conf").read_text())
     in_yaml = yaml.safe_load((CONF_DIR / "fluent-bit.yaml").read_text())["plugins"]
     paths = [keys["path"] for name, keys in plugins if name == "PLUGINS"] + in_yaml
     assert ["out_auditrelay.so", "out_auditrelay.so"] == [Path(path).name for path in paths]
@@ -134,7 +88,7 @@ def test_shipped_configurations_serve_fluent_bits_api_on_loopback_only() -> None
     shipped examples: both formats set HTTP_Listen to 127.0.0.1."""
     [(_, service)] = [
         section
-        for section in classic_sections((CONF_DIR / "fluent-bit.conf").read_text())
+        for section in parse_classic((CONF_DIR / "fluent-bit.conf").read_text())
         if section[0] == "SERVICE"
     ]
     in_yaml = yaml.safe_load((CONF_DIR / "fluent-bit.yaml").read_text())["service"]

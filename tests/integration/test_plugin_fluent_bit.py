@@ -14,10 +14,8 @@ from __future__ import annotations
 import functools
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -26,11 +24,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from auditrelay.devtools.flbproxy import build_plugin
 from auditrelay.emulator import Store
-from auditrelay.flbproxy import build_plugin
 from fixtures.chunks import audit_line
 from harness.real_fluent_bit import FLUENT_BIT_MARKS, fluent_bit_binary, fluent_bit_version
-from harness.sidecar import Sidecar
+from harness.sidecar import Sidecar, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "fluent-bit" / "conf"
@@ -45,13 +43,6 @@ RELOADABLE = {
 }
 
 pytestmark = [*FLUENT_BIT_MARKS, pytest.mark.timeout(600)]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class FluentBit:
@@ -179,13 +170,6 @@ def reloads_done(fluent_bit: FluentBit, count: int) -> bool:
 
 def accepted_at_least(sidecar: Sidecar, count: int) -> bool:
     return events_accepted(sidecar) >= count
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    """A short directory: a Unix socket path must stay under 108 bytes."""
-    with tempfile.TemporaryDirectory(prefix="ar-fb-") as directory:
-        yield Path(directory)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from auditrelay.config import PROPERTIES
-from auditrelay.flbproxy import (
+from auditrelay.devtools.flbproxy import (
     FLB_CONFIG_MAP_STR,
     FLB_PROXY_GOLANG,
     FLB_PROXY_OUTPUT_PLUGIN,
@@ -17,15 +17,7 @@ from auditrelay.flbproxy import (
     FluentBitVersion,
     GoProxy,
     InitError,
-    build_plugin,
 )
-
-
-@pytest.fixture(scope="module")
-def plugin_path() -> Path:
-    """The plugin built from this checkout."""
-    return build_plugin()
-
 
 ProxyFactory = Callable[[FluentBitVersion], GoProxy]
 

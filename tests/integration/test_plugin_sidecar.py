@@ -1,14 +1,12 @@
 """out_auditrelay.so, driven like Fluent Bit's Go proxy, against the real sidecar (`auditrelay serve`).
 
-Every test loads the plugin built from this checkout (auditrelay.flbproxy) and runs the
+Every test loads the plugin built from this checkout (auditrelay.devtools.flbproxy) and runs the
 sidecar as a subprocess on a Unix socket (or TCP with mTLS), awaiting it through grpc.health.v1.
 """
 
 from __future__ import annotations
 
 import re
-import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +17,7 @@ import grpc
 import pytest
 from auditrelay.config import BUNDLED_POLICY
 from auditrelay.deadletter import payload_of, read_letters
-from auditrelay.flbproxy import (
+from auditrelay.devtools.flbproxy import (
     FLUENT_BIT_4_2_8,
     FLUENT_BIT_5_1_1,
     FluentBitVersion,
@@ -28,7 +26,6 @@ from auditrelay.flbproxy import (
     Instance,
     Level,
     Result,
-    build_plugin,
 )
 from fixtures.certs import make_pki
 from fixtures.chunks import (
@@ -38,23 +35,10 @@ from fixtures.chunks import (
     sample_lines,
     tail_chunk,
 )
-from harness.sidecar import Sidecar
+from harness.sidecar import Sidecar, free_port
 
 TAG = "kube.audit"
 SidecarFactory = Callable[..., Sidecar]
-
-
-@pytest.fixture(scope="module")
-def plugin_path() -> Path:
-    """The plugin built from this checkout."""
-    return build_plugin()
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    """A short directory: a Unix socket path must stay under 108 bytes."""
-    with tempfile.TemporaryDirectory(prefix="ar-") as directory:
-        yield Path(directory)
 
 
 @pytest.fixture
@@ -394,17 +378,10 @@ def test_hot_reload_reregisters_and_keeps_working(proxy: GoProxy, sidecar: Sidec
 # --- TCP with mutual TLS --------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def test_tcp_with_mutual_tls(proxy: GoProxy, workdir: Path) -> None:
     """Over TCP the plugin speaks TLS, trusts sidecar_tls_ca and presents its client certificate."""
     pki = make_pki(workdir)
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     credentials = grpc.ssl_channel_credentials(
         pki.ca.read_bytes(), pki.client.key.read_bytes(), pki.client.cert.read_bytes()
     )
@@ -430,7 +407,7 @@ def test_tcp_with_mutual_tls(proxy: GoProxy, workdir: Path) -> None:
 def test_tcp_refuses_a_sidecar_signed_by_another_ca(proxy: GoProxy, workdir: Path) -> None:
     """A sidecar whose certificate sidecar_tls_ca did not sign is never talked to."""
     pki = make_pki(workdir)
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     credentials = grpc.ssl_channel_credentials(
         pki.ca.read_bytes(), pki.client.key.read_bytes(), pki.client.cert.read_bytes()
     )

@@ -10,7 +10,6 @@ is asserted. Certificates come from tests/fixtures/certs.py.
 from __future__ import annotations
 
 import re
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -18,38 +17,17 @@ from pathlib import Path
 
 import grpc
 import pytest
-from auditrelay.flbproxy import FLUENT_BIT_5_1_1, GoProxy, InitError, build_plugin
+from auditrelay.devtools.flbproxy import GoProxy, InitError
 from fixtures.certs import Pem, Pki, make_pki
-from harness.sidecar import Sidecar
+from harness.sidecar import Sidecar, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # sidecars start slowly under load
-
-
-@pytest.fixture(scope="module")
-def plugin_path() -> Path:
-    return build_plugin()
-
-
-@pytest.fixture
-def proxy(plugin_path: Path) -> Iterator[GoProxy]:
-    loaded = GoProxy(plugin_path, FLUENT_BIT_5_1_1)
-    loaded.register()
-    yield loaded
-    if loaded.registration is not None:
-        loaded.shutdown()
 
 
 @pytest.fixture
 def pki() -> Iterator[Pki]:
     with tempfile.TemporaryDirectory(prefix="ar-tls-") as directory:
         yield make_pki(Path(directory))
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def tls_sidecar(pki: Pki, server: Pem, *, require_client: bool) -> Sidecar:
@@ -60,7 +38,7 @@ def tls_sidecar(pki: Pki, server: Pem, *, require_client: bool) -> Sidecar:
     credentials = grpc.ssl_channel_credentials(
         pki.ca.read_bytes(), pki.client.key.read_bytes(), pki.client.cert.read_bytes()
     )
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     sidecar = Sidecar(address, pki.ca.parent / f"state-{address.rsplit(':', 1)[1]}", flags)
     sidecar.credentials = credentials
     sidecar.start(health_check=server == pki.server)

@@ -1,6 +1,6 @@
 """Reliability of the whole path under failure: plugin -> sidecar -> Logs Ingestion.
 
-Each test drives out_auditrelay.so exactly as Fluent Bit does (auditrelay.flbproxy), with chunks
+Each test drives out_auditrelay.so exactly as Fluent Bit does (auditrelay.devtools.flbproxy), with chunks
 built the way Fluent Bit writes them (v2 events with EventTime; raw ``log`` lines and parsed
 records alternating) from real audit events given fresh auditIDs; ``auditrelay serve`` runs as
 a subprocess; the emulator runs in this process, and faults are injected through its API. A
@@ -13,7 +13,6 @@ PolicyFilter) arrives at least once, and reports how many arrived more than once
 
 from __future__ import annotations
 
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -29,8 +28,13 @@ from typing import Any
 import orjson
 import pytest
 from auditrelay.config import BUNDLED_POLICY
+from auditrelay.devtools.flbproxy import (
+    GoProxy,
+    Instance,
+    Level,
+    Result,
+)
 from auditrelay.emulator import (
-    DEFAULT_DCR_ID,
     Emulator,
     EmulatorSettings,
     Fault,
@@ -39,16 +43,15 @@ from auditrelay.emulator import (
     running_in_thread,
 )
 from auditrelay.filter import PolicyFilter
-from auditrelay.flbproxy import FLUENT_BIT_5_1_1, GoProxy, Instance, Level, Result, build_plugin
 from auditrelay.model import AuditEvent
 from auditrelay.stream import COLUMN_TYPES, STREAM_NAME
 from fixtures.chunks import event_time, log_record, map32, sample_lines, v2_event
 from fixtures.disks import tiny_tmpfs
+from harness.emulator import emulator_destination
+from harness.fluentbit import wait_for
 from harness.sidecar import Sidecar
 
 TAG = "kube.audit"
-TENANT = "72f988bf-0000-0000-0000-00000000abcd"
-CLIENT = "0a1b2c3d-0000-0000-0000-00000000abcd"
 EVENTS_PER_CHUNK = 100
 # Fluent Bit waits between retries of a chunk (its scheduler's backoff, 1 s or more); a shorter
 # pause keeps the tests quick without flushing in a busy loop.
@@ -149,18 +152,6 @@ class FluentBit:
             self.send(chunk)
 
 
-@pytest.fixture(scope="module")
-def plugin_path() -> Path:
-    return build_plugin()
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    """A short directory: a Unix socket path must stay under 108 bytes."""
-    with tempfile.TemporaryDirectory(prefix="ar-rel-") as directory:
-        yield Path(directory)
-
-
 def emulator_settings(state_dir: Path, **overrides: Any) -> EmulatorSettings:
     return EmulatorSettings(
         state_dir=state_dir, streams={STREAM_NAME: dict(COLUMN_TYPES)}, **overrides
@@ -194,15 +185,6 @@ def make_sidecar(workdir: Path) -> Iterator[Callable[..., Sidecar]]:
         sidecar.stop()
 
 
-@pytest.fixture
-def proxy(plugin_path: Path) -> Iterator[GoProxy]:
-    loaded = GoProxy(plugin_path, FLUENT_BIT_5_1_1)
-    loaded.register()
-    yield loaded
-    if loaded.registration is not None:
-        loaded.shutdown()
-
-
 def fluent_bit(
     proxy: GoProxy, sidecar: Sidecar, emulator: Emulator, **properties: str
 ) -> FluentBit:
@@ -210,14 +192,7 @@ def fluent_bit(
     section = {
         "sidecar_address": sidecar.address,
         "sidecar_wait": "20s",
-        "endpoint": emulator.endpoint,
-        "endpoint_ca": str(emulator.ca_file),
-        "dcr_id": DEFAULT_DCR_ID,
-        "auth": "client_secret",
-        "authority_host": emulator.authority_host,
-        "tenant_id": TENANT,
-        "client_id": CLIENT,
-        "client_secret": "emulator-accepts-any-secret",
+        **emulator_destination(emulator),
         "cluster_name": "reliability",
         "batch_interval": "50ms",
         "request_timeout": "10s",
@@ -227,14 +202,6 @@ def fluent_bit(
 
 
 # --- what arrived ---------------------------------------------------------------------------
-
-
-def wait_for(condition: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def missing(emulator: Emulator, sent: Counter[str]) -> dict[str, int]:

@@ -13,9 +13,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,6 @@ import pytest
 from auditrelay.config import BUNDLED_POLICY
 from auditrelay.deadletter import payload_of, read_letters
 from auditrelay.emulator import (
-    DEFAULT_DCR_ID,
     Emulator,
     EmulatorSettings,
     Fault,
@@ -33,16 +31,15 @@ from auditrelay.emulator import (
     Store,
     running_in_thread,
 )
-from auditrelay.errors import ConfigError
 from auditrelay.filter import PolicyFilter
+from auditrelay.fluentbit_conf import select_output
 from auditrelay.model import AuditEvent
-from auditrelay.replay import select_output
 from auditrelay.stream import COLUMN_TYPES, STREAM_NAME
 from fixtures.chunks import AUDIT_LOG, sample_lines
+from harness.emulator import emulator_destination
+from harness.fluentbit import wait_for
 
 SIDECAR = Path(__file__).resolve().parents[2] / "sidecar"
-TENANT = "72f988bf-0000-0000-0000-00000000abcd"
-CLIENT = "0a1b2c3d-0000-0000-0000-00000000abcd"
 
 
 @pytest.fixture
@@ -57,14 +54,7 @@ def emulator(tmp_path: Path) -> Iterator[Emulator]:
 def endpoint_properties(emulator: Emulator) -> dict[str, str]:
     """The [OUTPUT] properties that point a pipeline at the emulator, with a client secret."""
     return {
-        "endpoint": emulator.endpoint,
-        "endpoint_ca": str(emulator.ca_file),
-        "dcr_id": DEFAULT_DCR_ID,
-        "auth": "client_secret",
-        "authority_host": emulator.authority_host,
-        "tenant_id": TENANT,
-        "client_id": CLIENT,
-        "client_secret": "emulator-accepts-any-secret",
+        **emulator_destination(emulator),
         "batch_interval": "50ms",
     }
 
@@ -163,14 +153,6 @@ def summary(output: str) -> dict[str, str]:
     return found
 
 
-def wait_for(condition: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        time.sleep(0.05)
-
-
 # --- replaying ------------------------------------------------------------------------------
 
 
@@ -226,6 +208,33 @@ def test_a_bad_line_is_reported_with_its_line_number(emulator: Emulator, tmp_pat
     assert [(f"{log}:3", b'{"kind":"Event", truncated')] == [
         (letter["tag"], payload_of(letter)) for letter in letters
     ]
+
+
+def test_json_output_reports_the_run_for_programs(emulator: Emulator, tmp_path: Path) -> None:
+    """--output json prints one JSON document: the totals, what was delivered where, each invalid
+    line with its file, number and reason, and the exit code the run ends with."""
+    good = [line for line in sample_lines() if is_audit_event(parsed(line))][:6]
+    log = tmp_path / "audit.log"
+    log.write_bytes(b"\n".join([*good[:2], b"[1, 2]", *good[2:]]) + b"\n")
+    kept, _, _ = expected_rows(good)
+
+    done = run_replay([log], tmp_path / "state", endpoint_properties(emulator), "--output", "json")
+
+    report = orjson.loads(done.stdout)
+    assert 1 == done.returncode == report["exit_code"], done.stderr
+    assert (7, 6, 1) == (
+        report["totals"]["lines_read"],
+        report["totals"]["events"],
+        report["totals"]["invalid"],
+    )
+    assert [{"path": str(log), "line": 3, "reason": "json_not_object"}] == (
+        report["totals"]["invalid_lines"]
+    )
+    assert (sum(kept.values()), emulator.endpoint, False) == (
+        report["delivered"],
+        report["endpoint"],
+        report["interrupted"],
+    )
 
 
 def test_without_an_endpoint_rows_go_to_the_bundled_emulator(tmp_path: Path) -> None:
@@ -363,7 +372,7 @@ def test_a_fluent_bit_config_section_configures_the_pipeline(
         f"{keys}\n    client_secret ${{AUDITRELAY_TEST_SECRET}}\n"
         "    cluster_name ${cluster}\n    batch_interval 1h\n"
     )
-    section = select_output(config, None)
+    section = select_output(config, None, "--fluent-bit-output")
     assert ("auditrelay.0", secret, "prod-weu-1") == (
         section.instance_name,
         section.properties()["client_secret"],
@@ -383,23 +392,6 @@ def test_a_fluent_bit_config_section_configures_the_pipeline(
     stored = emulator.store.rows(limit=1)[0].row
     assert stored is not None
     assert "prod-weu-1" == stored["Cluster_Name"]
-
-
-def test_a_config_with_two_auditrelay_outputs_needs_output(tmp_path: Path) -> None:
-    """Two auditrelay outputs: the file alone is ambiguous, --output picks one by Alias."""
-    config = tmp_path / "fluent-bit.yaml"
-    config.write_text(
-        "pipeline:\n  outputs:\n"
-        "    - name: auditrelay\n      alias: east\n      stream: Custom-East_CL\n"
-        "    - name: auditrelay\n      alias: west\n      stream: Custom-West_CL\n"
-    )
-    with pytest.raises(ConfigError) as raised:
-        select_output(config, None)
-    assert "found 2: east, west" in str(raised.value)
-    assert {"alias": "west", "name": "auditrelay", "stream": "Custom-West_CL"} == (
-        select_output(config, "west").keys
-    )
-    assert {"stream": "Custom-West_CL"} == select_output(config, "auditrelay.1").properties()
 
 
 def test_bad_input_exits_2_naming_it(tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ the sidecar refuses. The access tokens are the emulator's real ones, recorded as
 from __future__ import annotations
 
 import base64
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,10 +22,10 @@ from typing import Any
 
 import jwt
 import pytest
+from auditrelay.devtools.flbproxy import GoProxy, InitError
 from auditrelay.emulator import DEFAULT_DCR_ID, Emulator, EmulatorSettings, Fault, FaultKind
 from auditrelay.emulator import running_in_thread as emulator_in_thread
 from auditrelay.emulator.tokens import FEDERATED_AUDIENCE
-from auditrelay.flbproxy import FLUENT_BIT_5_1_1, GoProxy, InitError, build_plugin
 from fixtures.certs import app_registration_certificate
 from fixtures.chunks import event_time, log_record, v2_event
 from harness.fluentbit import Chunks, FluentBit, http_get, missing, wait_for
@@ -40,13 +39,6 @@ FIRST_SECRET = "CANARY-client-secret-first-Zq7Wn3"
 ROTATED_SECRET = "CANARY-client-secret-rotated-Hx4Pk9"
 WRONG_SECRET = "CANARY-client-secret-wrong-Lm2Vb8"
 REFUSED_SECRET = "CANARY-client-secret-refused-Tg6Yc1"
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    """A short directory: a Unix socket path must stay under 108 bytes."""
-    with tempfile.TemporaryDirectory(prefix="ar-sec-") as directory:
-        yield Path(directory)
 
 
 @pytest.fixture
@@ -69,15 +61,6 @@ def emulator(workdir: Path, issued_tokens: list[str]) -> Iterator[Emulator]:
 
         running.tokens.issue = recording_issue  # type: ignore[method-assign]
         yield running
-
-
-@pytest.fixture
-def proxy() -> Iterator[GoProxy]:
-    loaded = GoProxy(build_plugin(), FLUENT_BIT_5_1_1)
-    loaded.register()
-    yield loaded
-    if loaded.registration is not None:
-        loaded.shutdown()
 
 
 def federated_token(path: Path) -> str:

@@ -1,7 +1,7 @@
 """Fluent Bit's side of the soak: one ``[OUTPUT] auditrelay`` instance with ``workers`` > 1, flushed
 the way Fluent Bit's engine flushes it.
 
-Each worker thread takes a chunk, calls ``FLBPluginFlushCtx`` through ``auditrelay.flbproxy`` and
+Each worker thread takes a chunk, calls ``FLBPluginFlushCtx`` through ``auditrelay.devtools.flbproxy`` and
 acts on the answer as Fluent Bit does: FLB_OK forgets the chunk; FLB_RETRY keeps it and flushes it
 again after a backoff, in whatever order the retries fall due, interleaved with new chunks;
 FLB_ERROR would drop it (the soak counts that as a loss). Like Fluent Bit when its buffer is full,
@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from auditrelay.flbproxy import GoProxy, Instance, Result
+from auditrelay.devtools.flbproxy import GoProxy, Instance, Result
 
 from soak.events import Chunk
 

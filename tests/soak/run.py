@@ -3,7 +3,7 @@ emulator while the sidecar is killed and the endpoint fails in every way it can 
 
     python3 tests/soak/run.py --events 1000000          # make soak SOAK_EVENTS=1000000
 
-Fluent Bit's side is ``out_auditrelay.so`` driven through ``auditrelay.flbproxy`` with ``workers``
+Fluent Bit's side is ``out_auditrelay.so`` driven through ``auditrelay.devtools.flbproxy`` with ``workers``
 flush threads and Fluent Bit's retries (engine.py); the sidecar is ``auditrelay serve`` in its own
 process with its state directory on a small tmpfs; the emulator runs in this process. When the
 input is done, the faults stop and everything must arrive within ``--drain-seconds``.
@@ -33,7 +33,7 @@ from typing import Any, Final
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO_ROOT / "sidecar"), str(REPO_ROOT / "tests"), str(REPO_ROOT)]
 
-from auditrelay.flbproxy import FLUENT_BIT_5_1_1, GoProxy, Level, build_plugin  # noqa: E402
+from auditrelay.devtools.flbproxy import FLUENT_BIT_5_1_1, GoProxy, Level, build_plugin  # noqa: E402
 from controlplane.build import BuildError  # noqa: E402
 from harness.sidecar import Sidecar  # noqa: E402
 

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
+
+from auditrelay.fluentbit_conf import parse_classic
 
 from bench.fluentbit import FluentBitRun, configuration, median_run
 
 
 def _section(text: str, name: str) -> dict[str, str]:
-    body = re.split(r"(?m)^\[", text)
-    (section,) = [part for part in body if part.upper().startswith(name + "]")]
-    pairs = [line.split(None, 1) for line in section.splitlines()[1:]]
-    return {pair[0]: pair[1] for pair in pairs if len(pair) == 2 and not pair[0].startswith("#")}
+    """The one section called ``name``, keys lower-cased as Fluent Bit matches them."""
+    (section,) = [keys for found, keys in parse_classic(text) if found == name]
+    return section
 
 
 def test_null_run_is_the_shipped_tail_into_null(tmp_path: Path) -> None:
@@ -21,17 +21,17 @@ def test_null_run_is_the_shipped_tail_into_null(tmp_path: Path) -> None:
 
     service, tail, output = (_section(text, name) for name in ("SERVICE", "INPUT", "OUTPUT"))
     assert (str(tmp_path / "audit.log"), str(tmp_path / "audit.db"), "512k", "filesystem") == (
-        tail["Path"],
-        tail["DB"],
-        tail["Buffer_Chunk_Size"],
+        tail["path"],
+        tail["db"],
+        tail["buffer_chunk_size"],
         tail["storage.type"],
     )
-    assert "Parser" not in tail
+    assert "parser" not in tail
     assert ("24224", str(tmp_path / "flb-storage")) == (
-        service["HTTP_Port"],
+        service["http_port"],
         service["storage.path"],
     )
-    assert {"Name": "null", "Match": "kube.audit"} == output
+    assert {"name": "null", "match": "kube.audit"} == output
 
 
 def test_auditrelay_run_keeps_the_shipped_output_with_the_benchs_destination(
@@ -45,16 +45,16 @@ def test_auditrelay_run_keeps_the_shipped_output_with_the_benchs_destination(
 
     output = _section(text, "OUTPUT")
     assert ("auditrelay", "1", "no_limits") == (
-        output["Name"],
-        output["Workers"],
-        output["Retry_Limit"],
+        output["name"],
+        output["workers"],
+        output["retry_limit"],
     )
     assert ("unix:///tmp/x.sock", "https://127.0.0.1:1", "client_secret") == (
         output["sidecar_address"],
         output["endpoint"],
         output["auth"],
     )
-    assert str(tmp_path / "plugins.conf") == _section(text, "SERVICE")["Plugins_File"]
+    assert str(tmp_path / "plugins.conf") == _section(text, "SERVICE")["plugins_file"]
 
 
 def test_median_run() -> None:

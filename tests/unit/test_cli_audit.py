@@ -40,7 +40,7 @@ def _json(capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
 
 
 def test_status_reports_off_then_on(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """status exits 3 while audit logging is off, 0 once enable turned it on with the bundled
+    """status exits 1 while audit logging is off, 0 once enable turned it on with the bundled
     policy (nothing missing in the policy verify verdict)."""
     _node(tmp_path)
     off = _audit("status", "--host-root", str(tmp_path), "--output", "json")
@@ -50,7 +50,7 @@ def test_status_reports_off_then_on(tmp_path: Path, capsys: pytest.CaptureFixtur
     on = _audit("status", "--host-root", str(tmp_path), "--output", "json")
     on_report = _json(capsys)
 
-    assert (3, "off") == (off, off_report["state"])
+    assert (1, "off") == (off, off_report["state"])
     assert (0, "on", []) == (on, on_report["state"], on_report["missing"])
 
 
@@ -342,11 +342,11 @@ def test_k3s_enable_adds_apiserver_args_and_rolls_back(
 
 def test_k3s_audited_config_is_left_alone(tmp_path: Path) -> None:
     """The hardening guide's config has audit logging on: enable writes nothing (the policy
-    file it names is missing, so status cannot tell what it records: exit 4)."""
+    file it names is missing, so status cannot tell what it records: exit 2)."""
     config = _rancher_node(tmp_path, "k3s", "config-audited.yaml")
     before = config.read_bytes()
 
-    assert 4 == _audit("status", "--host-root", str(tmp_path))
+    assert 2 == _audit("status", "--host-root", str(tmp_path))
     assert before == config.read_bytes()
 
 
@@ -416,6 +416,6 @@ def test_rke2_policy_with_only_none_rules_is_a_gap(
 
 
 def test_no_known_distribution_cannot_tell(tmp_path: Path) -> None:
-    """An empty root: status exits 4 (cannot tell); enable refuses with exit 2."""
-    assert 4 == _audit("status", "--host-root", str(tmp_path))
+    """An empty root: status exits 2 (cannot tell); enable refuses with exit 2."""
+    assert 2 == _audit("status", "--host-root", str(tmp_path))
     assert 2 == _audit("enable", "--host-root", str(tmp_path), "--no-wait")

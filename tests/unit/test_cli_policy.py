@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from auditrelay.cli import main
-from auditrelay.cli.policy import detection_probes, stages_of
 from auditrelay.policy import compile_policy, load_policy
+from auditrelay.policy_verify import detection_probes, stages_of
 from fixtures.chunks import AUDIT_LOG, DEFENDER_POLICY, sample_lines
 
 REPO = Path(__file__).resolve().parents[2]
@@ -291,12 +291,12 @@ def test_eval_reports_bad_lines_and_goes_on(
 
 
 def test_eval_table(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    """--output table shows one readable row per request."""
+    """--output text shows one readable row per request."""
     _stdin(
         monkeypatch,
         '{"user": "alice", "verb": "list", "resource": "secrets", "resourceRequest": true}\n',
     )
-    code = main(["policy", "eval", "--policy", str(BUNDLED), "--output", "table"])
+    code = main(["policy", "eval", "--policy", str(BUNDLED), "--output", "text"])
     rows = capsys.readouterr().out.splitlines()
 
     assert (0, ["LINE", "LEVEL", "OMIT", "STAGES", "OMIT", "MANAGED", "FIELDS", "RULE"]) == (

@@ -10,7 +10,6 @@ import asyncio
 import gzip
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
 from email.utils import formatdate
 from pathlib import Path
 
@@ -41,10 +40,7 @@ from azure.identity.aio import (
     ManagedIdentityCredential,
     WorkloadIdentityCredential,
 )
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
+from fixtures.certs import app_registration_certificate
 from multidict import CIMultiDict
 
 DCR = "dcr-0123456789abcdef0123456789abcdef"
@@ -352,28 +348,7 @@ async def test_the_auth_property_selects_the_credential(
 
 async def test_client_certificate_auth_reads_the_certificate(tmp_path: Path) -> None:
     """auth client_certificate builds a CertificateCredential from the PEM file."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "auditrelay-test")])
-    now = datetime.now(UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    pem = tmp_path / "client.pem"
-    pem.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        + certificate.public_bytes(serialization.Encoding.PEM)
-    )
+    pem = app_registration_certificate(tmp_path / "client.pem")
     properties = {"tenant_id": "t", "client_id": "c", "client_certificate": str(pem)}
     credential = build_credential(
         settings(tmp_path, auth="client_certificate", **properties),

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from auditrelay.cli.policy import detection_probes, stages_of
 from auditrelay.detections import (
     BUNDLED_RULES,
     EVIDENCE_COLUMN,
@@ -18,6 +17,7 @@ from auditrelay.detections import (
     load_rules,
 )
 from auditrelay.policy import compile_policy, load_policy
+from auditrelay.policy_verify import detection_probes, stages_of
 from auditrelay.stream import COLUMNS, TABLE_NAME
 from kql.analyzer import analyze
 

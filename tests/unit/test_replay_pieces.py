@@ -1,5 +1,5 @@
 """The pieces of ``auditrelay replay``: reading files in batches, checkpoints, line numbers of
-bad lines, the progress display, and the [OUTPUT] section of a Fluent Bit configuration."""
+bad lines, the progress display."""
 
 from __future__ import annotations
 
@@ -8,21 +8,12 @@ import os
 from pathlib import Path
 
 import pytest
+from auditrelay.checkpoint import Checkpoint, CheckpointStore, LineBatch, identify, read_batches
 from auditrelay.config import BUNDLED_POLICY
 from auditrelay.decode import Reason
 from auditrelay.filter import PolicyFilter
 from auditrelay.model import AuditEvent
-from auditrelay.replay import (
-    Checkpoint,
-    CheckpointStore,
-    InvalidLine,
-    LineBatch,
-    Progress,
-    identify,
-    output_sections,
-    process_batch,
-    read_batches,
-)
+from auditrelay.replay import InvalidLine, Progress, process_batch
 from fixtures.chunks import audit_line
 
 LINES = [audit_line(audit_id=f"id-{index:03d}") + b"\n" for index in range(50)]
@@ -133,38 +124,3 @@ def test_progress_is_plain_lines_elsewhere(tmp_path: Path) -> None:
         progress.update("lines 10", 0.5, force=True)
         progress.update("lines 20", 1.0)
     assert "replay: 50% lines 10\nreplay: 100% lines 20\n" == path.read_text()
-
-
-def test_classic_config_with_include_and_variables(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """@INCLUDE files are followed, ${VAR} comes from @SET or the environment, keys are matched
-    case-insensitively, and Fluent Bit's own keys are not pipeline properties."""
-    monkeypatch.setenv("AUDIT_SECRET", "from-env")
-    (tmp_path / "outputs.conf").write_text(
-        "[OUTPUT]\n    Name  auditrelay\n    Alias audit\n    Match kube.*\n"
-        "    Workers 1\n    tls.verify on\n    net.keepalive off\n"
-        "    Stream  Custom-${table}\n    client_secret ${AUDIT_SECRET}\n"
-    )
-    config = tmp_path / "fluent-bit.conf"
-    config.write_text(
-        "@SET table=Audit_CL\n# comment\n[SERVICE]\n    Flush 1\n@INCLUDE outputs.conf\n"
-    )
-
-    [section] = output_sections(config)
-
-    assert ("auditrelay.0", "audit") == (section.instance_name, section.alias)
-    assert {"stream": "Custom-Audit_CL", "client_secret": "from-env"} == section.properties()
-
-
-def test_yaml_config_with_env(tmp_path: Path) -> None:
-    """The YAML form: pipeline.outputs entries, env: variables, booleans as on/off."""
-    config = tmp_path / "fluent-bit.yaml"
-    config.write_text(
-        "env:\n  cluster: prod\n"
-        "pipeline:\n  outputs:\n    - name: stdout\n      match: '*'\n"
-        "    - name: auditrelay\n      match: kube.*\n      cluster_name: ${cluster}\n"
-        "      spool_sync: interval\n      storage.total_limit_size: 2G\n"
-    )
-    [section] = output_sections(config)
-    assert {"cluster_name": "prod", "spool_sync": "interval"} == section.properties()

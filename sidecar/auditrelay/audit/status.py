@@ -11,8 +11,8 @@ from typing import Any
 
 from auditrelay.audit.kubeadm import AuditFlags
 from auditrelay.audit.node import NodeSetup
-from auditrelay.cli.policy import verify
 from auditrelay.policy import compile_policy, load_policy
+from auditrelay.policy_verify import verify
 
 
 def assess(setup: NodeSetup, required: Path) -> dict[str, Any]:

@@ -1,22 +1,71 @@
 """The ``auditrelay`` command: one sub-command per module of this package.
 
 Each sub-command module offers ``add_parser(subparsers)`` and ``run(args) -> int``; this module
-only dispatches and turns errors into exit codes (0 ok, 1 the command's own "found a
-problem" answer, 2 bad input or configuration).
+dispatches, turns errors into exit codes, and holds what every command shares: the exit codes
+(0 ok, 1 the command's own "found a problem" answer, 2 bad input or configuration; 130 when
+interrupted) and ``--output text|json`` for every command that prints results.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import pkgutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
 
 from auditrelay import __version__
-from auditrelay.errors import AuditRelayError
+from auditrelay.errors import AuditRelayError, ConfigError, PropertyProblem
 
-EXIT_BAD_INPUT = 2
+if TYPE_CHECKING:  # the emulator loads only for the commands that read its store
+    from auditrelay.emulator import Store
+
+EXIT_OK: Final = 0
+EXIT_FINDING: Final = 1
+EXIT_BAD_INPUT: Final = 2
+EXIT_INTERRUPTED: Final = 130
+OUTPUT_FORMATS: Final = ("text", "json")
+
+
+def add_output_option(parser: argparse.ArgumentParser, default: str = "text") -> None:
+    """``--output text|json``: results for people, or JSON for programs."""
+    parser.add_argument(
+        "--output",
+        choices=OUTPUT_FORMATS,
+        default=default,
+        help=f"print the results as text for people or as JSON (default: {default})",
+    )
+
+
+def emulator_store(flag: str, state_dir: Path) -> Store:
+    """The bundled emulator's store in ``state_dir``; bad input naming ``flag`` when there is
+    none."""
+    from auditrelay.emulator import Store
+
+    store = Store.in_directory(state_dir)
+    if not store.path.is_file():
+        expected = f"an emulator's state directory, holding {store.path.name} (no store there)"
+        raise ConfigError([PropertyProblem(flag, str(state_dir), expected)])
+    return store
+
+
+def missing_action(command: str, actions: Mapping[str, object]) -> int:
+    """A command with actions called without one: says which there are; bad input."""
+    print(f"auditrelay {command}: choose an action: {', '.join(actions)}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def plain(docstring: str | None) -> str:
+    """A module docstring as ``--help`` shows it: without its reStructuredText quoting."""
+    return (docstring or "").replace("``", "")
+
+
+def print_json(document: Any) -> None:
+    """Prints one JSON document on stdout (paths and other objects as their text)."""
+    print(json.dumps(document, indent=2, default=str))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"auditrelay {args.command}: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     return code
 
 

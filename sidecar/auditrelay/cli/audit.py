@@ -3,7 +3,7 @@
 * ``status`` reports how this node runs its API server (kubeadm static pod, k3s or RKE2 config;
   OpenShift's APIServer resource), whether audit logging is on, its policy, log path, format and
   rotation, and the ``policy verify`` verdict of that policy against the required one.
-  Exit status: 0 on, 1 on but with gaps, 3 off, 4 cannot tell, 2 bad input.
+  Exit status: 0 on, 1 off or on but with gaps, 2 bad input or cannot tell.
 * ``enable`` turns it on where it is off, keeps a backup, waits for the API server to come back
   writing its log, and restores the backup when it does not. Already on: changes nothing and
   prints the verdict. Exit status: 0 done or nothing to do, 1 rolled back, 2 bad input.
@@ -31,15 +31,15 @@ from auditrelay.audit.kubeadm import (
 )
 from auditrelay.audit.node import NodeSetup, Outcome, WaitSettings
 from auditrelay.audit.status import assess
+from auditrelay.cli import EXIT_BAD_INPUT, EXIT_FINDING, EXIT_OK, add_output_option
 from auditrelay.config import BUNDLED_POLICY
 from auditrelay.errors import PolicyError
 from auditrelay.policy import parse_policy
 
-EXIT_ON: Final = 0
-EXIT_GAPS: Final = 1
-EXIT_BAD_INPUT: Final = 2
-EXIT_OFF: Final = 3
-EXIT_CANNOT_TELL: Final = 4
+EXIT_ON: Final = EXIT_OK
+EXIT_GAPS: Final = EXIT_FINDING
+EXIT_OFF: Final = EXIT_FINDING
+EXIT_CANNOT_TELL: Final = EXIT_BAD_INPUT
 DISTROS: Final = ("auto", "kubeadm", "k3s", "rke2", "openshift")
 
 
@@ -55,7 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     status = commands.add_parser(
         "status",
         help="is audit logging on here, and does its policy record what Defender needs",
-        description="Exit status: 0 on, 1 on but with gaps, 3 off, 4 cannot tell, 2 bad input.",
+        description="Exit status: 0 on, 1 off or on but with gaps, 2 bad input or cannot tell.",
     )
     enable = commands.add_parser(
         "enable",
@@ -118,9 +118,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="the required audit policy, installed by enable (default: the bundled one)",
     )
     parser.add_argument("--kubeconfig", type=Path, help="OpenShift: the cluster to change")
-    parser.add_argument(
-        "--output", choices=("table", "json"), default="table", help="default: table"
-    )
+    add_output_option(parser)
 
 
 def _add_writing(parser: argparse.ArgumentParser) -> None:

@@ -1,9 +1,10 @@
 """``auditrelay demo``: the whole path on one machine, with no Azure account.
 
-It starts the sidecar (``auditrelay serve`` as a subprocess on a Unix socket; with no
-``endpoint`` its pipeline delivers to the bundled emulator, which it runs in-process), awaits
-it through grpc.health.v1, loads ``out_auditrelay.so`` and drives it the way Fluent Bit's Go
-proxy does (``auditrelay.flbproxy``). It sends a real audit log as Fluent Bit's tail input
+It starts the sidecar (``auditrelay serve`` as a subprocess on a Unix socket, through
+``auditrelay.devtools.sidecar``, the launcher the tests use; with no ``endpoint`` its pipeline
+delivers to the bundled emulator), awaits it through grpc.health.v1, loads
+``out_auditrelay.so`` and drives it the way Fluent Bit's Go proxy does
+(``auditrelay.devtools.flbproxy``). It sends a real audit log as Fluent Bit's tail input
 would (v2 events with EventTime, each line in ``log``, in chunks of at most 2 MiB), waits until
 the sidecar's /metrics show every kept event delivered, stops everything, and prints what
 arrived: events in, filtered out, delivered, bytes before and after the policy and on the wire,
@@ -18,8 +19,6 @@ import gzip
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,18 +26,17 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
-import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-import auditrelay
+from auditrelay.cli import EXIT_FINDING, EXIT_OK, add_output_option, print_json
 from auditrelay.config import parse_duration
 from auditrelay.detections import BUNDLED_RULES, load_rules
+from auditrelay.devtools.flbproxy import PLUGIN_PATH, GoProxy, InitError, Level, Result
+from auditrelay.devtools.sidecar import SidecarError, SidecarProcess
 from auditrelay.emulator import Store, StoredRow
 from auditrelay.errors import ConfigError, PropertyProblem
-from auditrelay.flbproxy import PLUGIN_PATH, GoProxy, InitError, Level, Result
-from auditrelay.receive import wait_until_serving
 
 DATA_DIR: Final = Path(__file__).resolve().parents[1] / "data"
 BUNDLED_LOGS: Final = (
@@ -48,8 +46,6 @@ BUNDLED_LOGS: Final = (
 TAG: Final = "kube.audit"
 CHUNK_BYTES: Final = 2 << 20  # Fluent Bit's chunks are about 2 MiB at most
 MARKER: Final = ".auditrelay-demo"
-START_SECONDS: Final = 60.0
-STOP_SECONDS: Final = 30.0
 FLUSH_ATTEMPTS: Final = 8
 SETTLE_POLL_SECONDS: Final = 0.1
 # The [OUTPUT] section the demo's plugin instance gets, as an operator would write it.
@@ -96,6 +92,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="how long delivery may take to settle (default: 120s)",
     )
     parser.add_argument("--summary-json", type=Path, help="also write the summary here as JSON")
+    add_output_option(parser)
     parser.set_defaults(run=run)
 
 
@@ -162,91 +159,6 @@ def fluent_bit_chunks(lines: Sequence[bytes], limit: int = CHUNK_BYTES) -> Itera
         chunk += event
     if chunk:
         yield bytes(chunk)
-
-
-# --- the sidecar process ----------------------------------------------------------------------
-
-
-class SidecarProcess:
-    """``auditrelay serve`` of this package, on a Unix socket, logging JSON to a file."""
-
-    def __init__(self, socket_path: Path, state_dir: Path) -> None:
-        self.address = f"unix://{socket_path}"
-        self.state_dir = state_dir
-        self.log_path = state_dir / "sidecar.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        """Starts serve and returns once its Relay service reports SERVING."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        package_root = str(Path(auditrelay.__file__).resolve().parents[1])
-        path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
-        command = [
-            sys.executable,
-            "-m",
-            "auditrelay",
-            "serve",
-            "--listen",
-            self.address,
-            "--state-dir",
-            str(self.state_dir),
-            "--metrics-address",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ]
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONPATH": path},
-            )
-        try:
-            wait_until_serving(self.address, START_SECONDS, alive=self.alive)
-        except (TimeoutError, RuntimeError) as error:
-            raise DemoError(f"{error}; its log:\n{self.log_text()}") from error
-
-    def alive(self) -> bool:
-        """Whether the process still runs."""
-        return self.process is not None and self.process.poll() is None
-
-    def metrics_url(self) -> str:
-        """The /metrics URL the sidecar logged when it started."""
-        deadline = time.monotonic() + START_SECONDS
-        while time.monotonic() < deadline:
-            for record in self.log_records("server_started"):
-                return f"{record['metrics']}/metrics"
-            time.sleep(SETTLE_POLL_SECONDS)
-        raise DemoError(f"the sidecar logged no server_started line:\n{self.log_text()}")
-
-    def stop(self) -> int:
-        """SIGTERM, and the exit code once the sidecar has drained and stopped."""
-        process, self.process = self.process, None
-        if process is None:
-            return 0
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            return process.wait(timeout=STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise DemoError(f"the sidecar ignored SIGTERM:\n{self.log_text()}") from None
-
-    def log_text(self) -> str:
-        """What the sidecar wrote."""
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def log_records(self, event: str) -> list[dict[str, Any]]:
-        """The sidecar's JSON log records of one event name."""
-        found = []
-        for line in self.log_text().splitlines():
-            if line.startswith("{"):
-                record: dict[str, Any] = orjson.loads(line)
-                if record.get("event") == event:
-                    found.append(record)
-        return found
 
 
 class DemoError(RuntimeError):
@@ -378,7 +290,7 @@ def run_demo(
     chunks = list(fluent_bit_chunks(audit_log.lines))
     # A Unix socket path must stay under 108 bytes: the socket lives in a short temp directory.
     with tempfile.TemporaryDirectory(prefix="auditrelay-demo-") as socket_dir:
-        sidecar = SidecarProcess(Path(socket_dir) / "relay.sock", state_dir / "sidecar")
+        sidecar = SidecarProcess.on_socket(Path(socket_dir) / "relay.sock", state_dir / "sidecar")
         try:
             sidecar.start()
             section = {"sidecar_address": sidecar.address, **OUTPUT_SECTION}
@@ -530,15 +442,18 @@ def run(args: argparse.Namespace) -> int:
     audit_log = read_audit_logs(args.audit_log or BUNDLED_LOGS)
     try:
         summary, rows = run_demo(audit_log, args.state_dir, args.plugin, args.timeout)
-    except DemoError as error:
+    except (DemoError, SidecarError) as error:
         print(f"auditrelay demo: {error}", file=sys.stderr)
-        return 1
-    print(report(summary, rows, args.rows))
+        return EXIT_FINDING
     alerts_text, alerts = detections_report(rows, Path(summary.emulator_store).parent)
-    print()
-    print(alerts_text)
+    document = asdict(summary) | {"bytes_saved": summary.bytes_saved, "alerts": alerts}
+    if args.output == "json":
+        print_json(document)
+    else:
+        print(report(summary, rows, args.rows))
+        print()
+        print(alerts_text)
     if args.summary_json is not None:
-        document = asdict(summary) | {"bytes_saved": summary.bytes_saved, "alerts": alerts}
         args.summary_json.write_text(json.dumps(document, indent=2) + "\n")
     delivered_all = summary.events_delivered + summary.events_dead_lettered >= summary.events_kept
-    return 0 if delivered_all else 1
+    return EXIT_OK if delivered_all else EXIT_FINDING

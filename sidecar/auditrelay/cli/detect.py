@@ -1,6 +1,6 @@
 """``auditrelay detect``: run the detection rules locally over audit logs or the emulator's store.
 
-auditrelay detect [--rules DIR_OR_FILE] [--output table|json] AUDIT_LOG ...
+auditrelay detect [--rules DIR_OR_FILE] [--output text|json] AUDIT_LOG ...
 auditrelay detect [--rules DIR_OR_FILE] --emulator-state-dir DIR
 
 Audit log lines (JSON lines, plain or .gz) become rows exactly as the sidecar encodes them for
@@ -21,16 +21,22 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from auditrelay.cli import (
+    EXIT_BAD_INPUT,
+    EXIT_FINDING,
+    EXIT_OK,
+    add_output_option,
+    emulator_store,
+    plain,
+)
 from auditrelay.detections import BUNDLED_RULES, Rule, load_rules
-from auditrelay.emulator import Store
 from auditrelay.errors import AuditRelayError, ConfigError, PropertyProblem
 
 if TYPE_CHECKING:  # the engine needs duckdb-kql, an optional extra; imported when run
     from auditrelay.detect import Alert, Table
 
-EXIT_NO_ALERT: Final = 0
-EXIT_ALERTS: Final = 1
-EXIT_BAD_INPUT: Final = 2
+EXIT_NO_ALERT: Final = EXIT_OK
+EXIT_ALERTS: Final = EXIT_FINDING
 EVIDENCE_SHOWN: Final = 5
 
 
@@ -38,8 +44,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     """Registers ``auditrelay detect``."""
     parser = subparsers.add_parser(
         "detect",
-        help="Run the detection rules (KQL) locally over audit logs or the emulator's store.",
-        description=__doc__,
+        help="run the detection rules (KQL) locally over audit logs or the emulator's store",
+        description=plain(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -61,7 +67,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default="local",
         help="Cluster_Name of rows made from audit logs (default: local)",
     )
-    parser.add_argument("--output", choices=("table", "json"), default="table")
+    add_output_option(parser)
     parser.set_defaults(run=run)
 
 
@@ -91,17 +97,7 @@ def load_table(args: argparse.Namespace) -> Table:
             raise ConfigError(
                 [PropertyProblem("AUDIT_LOG", "given", "either audit logs or --emulator-state-dir")]
             )
-        store = Store.in_directory(args.emulator_state_dir)
-        if not store.path.is_file():
-            raise ConfigError(
-                [
-                    PropertyProblem(
-                        "--emulator-state-dir",
-                        str(args.emulator_state_dir),
-                        "a directory holding the emulator's store",
-                    )
-                ]
-            )
+        store = emulator_store("--emulator-state-dir", args.emulator_state_dir)
         add_rows(table, (row.row for row in store.rows() if row.row is not None))
         return table
     if not args.audit_logs:

@@ -1,11 +1,15 @@
 """``auditrelay emulator``: run the local Logs Ingestion endpoint, inject faults, query what it got.
 
 auditrelay emulator serve --state-dir DIR [--port N] [--limits uncompressed] [--fault 503:count=3] ...
-auditrelay emulator count --state-dir DIR
-auditrelay emulator rows --state-dir DIR [--audit-id ID] [--limit N (default 20)]
-auditrelay emulator errors --state-dir DIR
-auditrelay emulator requests --state-dir DIR
-auditrelay emulator fault --state-dir DIR [429:retry_after=2,count=5 ...] [--clear]
+auditrelay emulator count --state-dir DIR [--output text|json]
+auditrelay emulator rows --state-dir DIR [--audit-id ID] [--limit N (default 20)] [--output text|json]
+auditrelay emulator errors --state-dir DIR [--output text|json]
+auditrelay emulator requests --state-dir DIR [--output text|json]
+auditrelay emulator fault --state-dir DIR [429:retry_after=2,count=5 ...] [--clear] [--output text|json]
+
+rows, errors and requests print one compact JSON object per line with --output text (one per
+row, entry or attempt, for grep) and one JSON document, a list, with --output json; count
+prints the number, or {"rows": N}; fault prints the faults now active.
 
 serve prints endpoint:, authority_host:, ca_file:, dcr_id:, streams: and database: lines, then
 "ready"; the same facts are in DIR/emulator.json while it runs. Point the SDK at the endpoint,
@@ -24,11 +28,19 @@ import asyncio
 import json
 import signal
 import ssl
-import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from auditrelay.cli import (
+    EXIT_FINDING,
+    EXIT_OK,
+    add_output_option,
+    emulator_store,
+    missing_action,
+    plain,
+    print_json,
+)
 from auditrelay.config import parse_size
 from auditrelay.emulator import (
     ADMIN_HEADER,
@@ -53,14 +65,14 @@ def add_parser(subparsers: Any) -> None:
     """Registers ``auditrelay emulator`` and its sub-commands."""
     parser = subparsers.add_parser(
         "emulator",
-        help="Local Azure Monitor Logs Ingestion endpoint (HTTPS, Entra tokens, SQLite store).",
-        description=__doc__,
+        help="a local Azure Monitor Logs Ingestion endpoint (HTTPS, Entra tokens, SQLite store)",
+        description=plain(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.set_defaults(run=run, action=None)
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
 
-    serve = actions.add_parser("serve", help="Run the emulator until interrupted.")
+    serve = actions.add_parser("serve", help="run the emulator until interrupted")
     _add_state_dir(serve)
     serve.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
     serve.add_argument("--port", type=int, default=0, help="TCP port (0: any free port).")
@@ -124,27 +136,32 @@ def add_parser(subparsers: Any) -> None:
     )
     serve.add_argument("--fault-seed", type=int, help="Seed for probabilistic faults.")
 
-    count = actions.add_parser("count", help="How many rows were accepted.")
+    count = actions.add_parser("count", help="how many rows were accepted")
+    add_output_option(count)
     _add_state_dir(count)
     count.add_argument("--dcr-id")
     count.add_argument("--stream")
 
-    rows = actions.add_parser("rows", help="Accepted rows as JSON lines.")
+    rows = actions.add_parser("rows", help="accepted rows, one JSON object each")
+    add_output_option(rows)
     _add_state_dir(rows)
     rows.add_argument("--audit-id", help="Only the rows of this auditID.")
     rows.add_argument(
         "--limit", type=int, default=20, help="At most this many rows (default: %(default)s)."
     )
 
-    errors = actions.add_parser("errors", help="The DCR error log (rows dropped or changed).")
+    errors = actions.add_parser("errors", help="the DCR error log (rows dropped or changed)")
+    add_output_option(errors)
     _add_state_dir(errors)
     errors.add_argument("--limit", type=int, help="At most this many entries (default: all).")
 
-    requests = actions.add_parser("requests", help="Every ingestion attempt, with its status.")
+    requests = actions.add_parser("requests", help="every ingestion attempt, with its status")
+    add_output_option(requests)
     _add_state_dir(requests)
     requests.add_argument("--limit", type=int, help="At most this many attempts (default: all).")
 
-    fault = actions.add_parser("fault", help="Change the faults of a running emulator.")
+    fault = actions.add_parser("fault", help="change the faults of a running emulator")
+    add_output_option(fault)
     _add_state_dir(fault)
     fault.add_argument("faults", nargs="*", type=_fault_argument, help="Faults to add.")
     fault.add_argument("--clear", action="store_true", help="Remove every fault first.")
@@ -177,8 +194,7 @@ def run(args: argparse.Namespace) -> int:
         "fault": _fault,
     }
     if args.action is None:
-        print("auditrelay emulator: choose an action: " + ", ".join(actions), file=sys.stderr)
-        return 2
+        return missing_action("emulator", actions)
     return actions[args.action](args)
 
 
@@ -238,28 +254,36 @@ async def _serve_until_stopped(settings: EmulatorSettings) -> None:
 
 
 def _store(args: argparse.Namespace) -> Store:
-    store = Store.in_directory(args.state_dir)
-    if not store.path.is_file():
-        expected = f"an emulator's state directory, holding {store.path.name} (no store there)"
-        raise ConfigError([PropertyProblem("--state-dir", str(args.state_dir), expected)])
-    return store
+    return emulator_store("--state-dir", args.state_dir)
+
+
+def _print_items(args: argparse.Namespace, items: list[Any]) -> None:
+    """One compact JSON object per line (text), or the list as one JSON document (json)."""
+    if args.output == "json":
+        print_json(items)
+        return
+    for item in items:
+        print(json.dumps(item))
 
 
 def _count(args: argparse.Namespace) -> int:
-    print(_store(args).count(dcr=args.dcr_id, stream=args.stream))
-    return 0
+    count = _store(args).count(dcr=args.dcr_id, stream=args.stream)
+    if args.output == "json":
+        print_json({"rows": count})
+    else:
+        print(count)
+    return EXIT_OK
 
 
 def _rows(args: argparse.Namespace) -> int:
     found = _store(args).rows(audit_id=args.audit_id, limit=args.limit)
-    for row in found:
-        print(json.dumps({"id": row.id, "received": row.received, "row": row.row}))
-    return 0 if found or args.audit_id is None else 1
+    _print_items(args, [{"id": row.id, "received": row.received, "row": row.row} for row in found])
+    return EXIT_OK if found or args.audit_id is None else EXIT_FINDING
 
 
 def _errors(args: argparse.Namespace) -> int:
-    for entry in _store(args).errors(limit=args.limit):
-        shown = {
+    shown = [
+        {
             "time": entry.time,
             "stream": entry.stream,
             "request": entry.client_request_id,
@@ -267,13 +291,15 @@ def _errors(args: argparse.Namespace) -> int:
             "row": entry.row_index,
             "message": entry.message,
         }
-        print(json.dumps(shown))
-    return 0
+        for entry in _store(args).errors(limit=args.limit)
+    ]
+    _print_items(args, shown)
+    return EXIT_OK
 
 
 def _requests(args: argparse.Namespace) -> int:
-    for record in _store(args).requests(limit=args.limit):
-        shown = {
+    shown = [
+        {
             "received": record.received,
             "request": record.client_request_id,
             "status": record.status,
@@ -284,8 +310,10 @@ def _requests(args: argparse.Namespace) -> int:
             "dropped": record.rows_dropped,
             "fault": record.fault,
         }
-        print(json.dumps(shown))
-    return 0
+        for record in _store(args).requests(limit=args.limit)
+    ]
+    _print_items(args, shown)
+    return EXIT_OK
 
 
 def _fault(args: argparse.Namespace) -> int:
@@ -311,8 +339,11 @@ def _fault(args: argparse.Namespace) -> int:
         context,
         [fault.to_json() for fault in args.faults] if args.faults else None,
     )
-    print(json.dumps(answer))
-    return 0
+    if args.output == "json":
+        print_json(answer)
+    else:
+        print(json.dumps(answer))
+    return EXIT_OK
 
 
 def _admin_call(url: str, method: str, key: str, context: ssl.SSLContext, document: Any) -> Any:

@@ -2,7 +2,8 @@
 
 The pipeline is configured with the same properties as the ``[OUTPUT] Name auditrelay``
 section: ``--config`` reads them from a Fluent Bit configuration file (classic or YAML; the keys
-Fluent Bit keeps for itself are ignored), and ``--property key=value`` adds or overrides one.
+Fluent Bit keeps for itself are ignored; ``--fluent-bit-output`` picks one of several auditrelay
+outputs), and ``--property key=value`` adds or overrides one.
 Without an ``endpoint`` the rows go to the bundled emulator in ``STATE_DIR/emulator``.
 
 Exit codes: 0 every line read and every row delivered; 1 finished, but lines were not audit
@@ -17,19 +18,25 @@ import asyncio
 import os
 import signal
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from auditrelay.cli import (
+    EXIT_BAD_INPUT,
+    EXIT_FINDING,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    add_output_option,
+    plain,
+    print_json,
+)
 from auditrelay.config import LogFormat, ServerSettings, parse_duration
 from auditrelay.errors import ConfigError, PropertyProblem
-from auditrelay.logs import configure_logging
+from auditrelay.fluentbit_conf import select_output
+from auditrelay.logs import LEVELS, configure_logging
 from auditrelay.malloc import limit_arenas
-from auditrelay.replay import Replay, ReplayOptions, ReplayResult, select_output, summary_lines
-
-EXIT_OK = 0
-EXIT_PROBLEM = 1
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
+from auditrelay.replay import Replay, ReplayOptions, ReplayResult, summary_lines
 
 
 def default_state_dir() -> Path:
@@ -47,7 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser = subparsers.add_parser(
         "replay",
         help=help_text,
-        description=(__doc__ or "").split("\n\n", 1)[1],
+        description=plain(__doc__).split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("files", nargs="+", type=Path, metavar="AUDIT_LOG")
@@ -57,7 +64,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="Fluent Bit configuration (classic .conf or .yaml) with the auditrelay [OUTPUT]",
     )
     parser.add_argument(
-        "--output",
+        "--fluent-bit-output",
+        metavar="NAME",
         help="which auditrelay output of --config: its Alias or auditrelay.N (default: the only one)",
     )
     parser.add_argument(
@@ -87,7 +95,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="DURATION",
         help="seconds between progress lines when stderr is not a terminal (default 5s)",
     )
-    parser.add_argument("--log-level", default="warning", help="log level (default: warning)")
+    parser.add_argument(
+        "--log-level",
+        choices=LEVELS,
+        default="warning",
+        help="log level (default: warning)",
+    )
+    add_output_option(parser)
     parser.set_defaults(run=run)
 
 
@@ -95,9 +109,12 @@ def properties_from(args: argparse.Namespace) -> dict[str, str]:
     """The pipeline properties: the --config section, then each --property."""
     properties: dict[str, str] = {}
     if args.config is not None:
-        properties.update(select_output(args.config, args.output).properties())
-    elif args.output is not None:
-        raise ConfigError([PropertyProblem("--output", args.output, "--config as well")])
+        section = select_output(args.config, args.fluent_bit_output, "--fluent-bit-output")
+        properties.update(section.properties())
+    elif args.fluent_bit_output is not None:
+        raise ConfigError(
+            [PropertyProblem("--fluent-bit-output", args.fluent_bit_output, "--config as well")]
+        )
     problems = []
     for item in args.property:
         key, sep, value = item.partition("=")
@@ -144,9 +161,23 @@ def run(args: argparse.Namespace) -> int:
         where = error.filename if error.filename is not None else options.state_dir
         print(f"auditrelay replay: {where}: {error.strerror or error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    for line in summary_lines(result):
-        print(line)
+    if args.output == "json":
+        print_json(result_document(result))
+    else:
+        for line in summary_lines(result):
+            print(line)
     return exit_code(result)
+
+
+def result_document(result: ReplayResult) -> dict[str, Any]:
+    """The run's outcome as JSON: the totals, delivery, and every invalid line reported."""
+    document = asdict(result)
+    document["totals"]["invalid_lines"] = [
+        {"path": str(line.path), "line": line.line, "reason": line.reason}
+        for line in result.totals.invalid_lines
+    ]
+    document["exit_code"] = exit_code(result)
+    return document
 
 
 def exit_code(result: ReplayResult) -> int:
@@ -154,7 +185,7 @@ def exit_code(result: ReplayResult) -> int:
     if result.interrupted:
         return EXIT_INTERRUPTED
     if result.totals.invalid or result.refused or result.undelivered_bytes:
-        return EXIT_PROBLEM
+        return EXIT_FINDING
     return EXIT_OK
 
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
+from auditrelay.cli import EXIT_FINDING, add_output_option, missing_action, plain
 from auditrelay.config import ServerSettings
 from auditrelay.errors import ConfigError, PropertyProblem
 from auditrelay.spool import Spool, in_use
@@ -35,32 +35,29 @@ from auditrelay.spools import (
     request_drain,
 )
 
-EXIT_FINDING = 1
-EXIT_BAD_INPUT = 2
-
 
 def add_parser(subparsers: Any) -> None:
     """Registers ``auditrelay spool`` and its actions."""
     parser = subparsers.add_parser(
         "spool",
-        help="List the pipelines' spools; drain or discard an orphaned one.",
-        description=__doc__,
+        help="list the pipelines' spools; drain or discard an orphaned one",
+        description=plain(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.set_defaults(run=run, action=None)
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
 
-    listing = actions.add_parser("list", help="Every spool: id, destination, bytes, events, state.")
+    listing = actions.add_parser("list", help="every spool: id, destination, bytes, events, state")
     _common(listing)
 
-    drain = actions.add_parser("drain", help="Move an orphan's pending rows to a pipeline.")
+    drain = actions.add_parser("drain", help="move an orphan's pending rows to a pipeline")
     _common(drain)
     drain.add_argument("spool", metavar="SPOOL", help="The orphaned spool's id.")
     drain.add_argument(
         "--to-pipeline", required=True, metavar="ID", help="The pipeline that delivers them."
     )
 
-    gone = actions.add_parser("discard", help="Delete an orphaned spool and its rows.")
+    gone = actions.add_parser("discard", help="delete an orphaned spool and its rows")
     _common(gone)
     gone.add_argument("spool", metavar="SPOOL", help="The orphaned spool's id.")
     gone.add_argument("--yes", action="store_true", help="Really delete its undelivered rows.")
@@ -74,15 +71,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
         default=Path(default),
         help=f"serve's state directory (env AUDITRELAY_STATE_DIR; default: {default})",
     )
-    parser.add_argument("--output", choices=("text", "json"), default="text")
+    add_output_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Dispatches to the action."""
     actions = {"list": _list, "drain": _drain, "discard": _discard}
     if args.action is None:
-        print("auditrelay spool: choose an action: list, drain, discard", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return missing_action("spool", actions)
     root = args.state_dir / "spool"
     if not root.is_dir():
         raise ConfigError(

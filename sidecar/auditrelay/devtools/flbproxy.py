@@ -493,7 +493,7 @@ def _read_config_map(address: int) -> list[ConfigMapItem]:
 
 # --- the plugin of this checkout ---------------------------------------------------------------
 
-REPO_ROOT: Final = Path(__file__).resolve().parents[2]
+REPO_ROOT: Final = Path(__file__).resolve().parents[3]
 PLUGIN_PATH: Final = REPO_ROOT / "fluent-bit" / "out_auditrelay.so"
 
 

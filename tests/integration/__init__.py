@@ -1,0 +1,1 @@
+"""Integration tests: the real plugin, sidecar and emulator on loopback."""
