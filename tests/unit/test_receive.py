@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
 import stat
 import tempfile
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -157,6 +159,33 @@ class TestPush:
 
         assert relay_pb2.PushResponse.RETRY_LATER == reply.status
         assert str(error) in reply.message
+
+    async def test_a_chunk_refused_for_a_full_spool_is_freed_once_answered(
+        self, channel: grpc.aio.Channel, handler: ScriptedHandler, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Under a full spool Fluent Bit retries chunk after chunk: each refused chunk's memory
+        must go as soon as it is answered, not wait for a full garbage collection. The handler
+        keeps its error in an outcome, as the app does: a reference cycle through the
+        traceback, which the answer must break."""
+        freed: list[weakref.ref[object]] = []
+
+        class Outcome:
+            deferred: Exception | None = None
+
+        async def refuse(pipeline_id: str, tag: str, chunk: bytes) -> PushResult:
+            outcome = Outcome()  # stands for the decoded chunk and its rows
+            freed.append(weakref.ref(outcome))
+            outcome.deferred = SpoolFullError("spool is full")
+            raise outcome.deferred  # its traceback holds this frame, which holds the outcome
+
+        monkeypatch.setattr(handler, "push", refuse)
+        gc.disable()  # only reference counting may free it
+        try:
+            reply = await push(channel)
+            assert relay_pb2.PushResponse.RETRY_LATER == reply.status
+            assert [None] == [ref() for ref in freed]
+        finally:
+            gc.enable()
 
     async def test_unexpected_error_is_retry_later_and_logged(
         self, channel: grpc.aio.Channel, handler: ScriptedHandler
