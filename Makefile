@@ -75,7 +75,7 @@ controlplane-test: controlplane ## Tests against a real kube-apiserver, controll
 	$(PYTHON) -m pytest -m controlplane tests/controlplane
 
 .PHONY: check
-check: lint test fuzz-smoke controlplane-test ## The whole gate: what CI runs
+check: lint test fuzz-smoke controlplane-test soak-ci ## The whole gate: what CI runs
 
 SOAK_EVENTS ?= 1000000
 SOAK_ARGS ?=

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import bisect
 import errno
-import fcntl
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -54,6 +52,7 @@ from auditrelay.spool_segments import (
     read_frames,
     segment_name,
     segment_sizes,
+    storage_error,
 )
 from auditrelay.spool_state import (
     CURSOR_FILE,
@@ -64,9 +63,11 @@ from auditrelay.spool_state import (
     Range,
     SpoolSummary,
     in_use,
+    past_delivered,
     read_cursor,
     summarize,
     sync_directory,
+    take_lock,
     write_cursor,
 )
 
@@ -90,7 +91,6 @@ log = structlog.get_logger(__name__)
 MAX_SEGMENT_BYTES: Final = 64 << 20
 MIN_SEGMENT_BYTES: Final = 64 << 10
 _DISK_FULL: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
-_END: Final = Position(sys.maxsize, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +128,7 @@ class Spool:
         self._ack_lock = threading.Lock()  # one cursor update at a time
         self._read_lock = threading.Lock()  # one reader at a time
         directory.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = self._take_lock()
+        self._lock_fd = take_lock(directory)
         self._sizes = segment_sizes(directory)  # segment number -> bytes (sealed and current)
         cursor, self._ahead = self._load_cursor()
         self._report_missing_segments(cursor)
@@ -237,7 +237,7 @@ class Spool:
             try:
                 os.fsync(self._writer_fd)
             except OSError as error:
-                raise self._storage_error("sync", error) from error
+                raise storage_error(self.directory, "sync", error) from error
 
     def _make_room(self, needed: int) -> None:
         if self.used_bytes + needed <= self.limit_bytes:
@@ -276,7 +276,7 @@ class Spool:
                 os.fsync(self._writer_fd)
         except OSError as error:
             self._undo_write(start.offset)
-            raise self._storage_error("append", error) from error
+            raise storage_error(self.directory, "append", error) from error
 
     def _undo_write(self, offset: int) -> None:
         try:
@@ -285,21 +285,12 @@ class Spool:
         except OSError as error:
             log.exception("spool_truncate_failed", directory=str(self.directory), error=str(error))
 
-    def _storage_error(self, action: str, error: OSError) -> SpoolError:
-        if error.errno in _DISK_FULL:
-            return SpoolFullError(
-                f"no space left on the file system of spool {self.directory} during {action} "
-                f"({os.strerror(error.errno or 0)}); the failed rows were cut off again, "
-                "nothing stored before is affected"
-            )
-        return SpoolError(f"spool {self.directory}: {action} failed: {error}")
-
     def _open_segment(self, number: int) -> None:
         path = self.directory / segment_name(number)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         except OSError as error:
-            raise self._storage_error("segment creation", error) from error
+            raise storage_error(self.directory, "segment creation", error) from error
         sync_directory(self.directory)
         previous = self._writer_fd
         with self._state_lock:
@@ -325,7 +316,7 @@ class Spool:
             start = position = self._read_position()
             while total < max_bytes and not full:
                 with self._state_lock:
-                    position, stop = self._past_delivered(position)
+                    position, stop = past_delivered(self._ahead, position, self._normalized)
                     write = self._write
                     limit = write.offset if position.segment == write.segment else None
                     size = self._sizes.get(position.segment)
@@ -354,18 +345,6 @@ class Spool:
                 return None
             full = full or total >= max_bytes
             return SpoolRead(rows=rows, start=start, end=position, raw_bytes=total, full=full)
-
-    def _past_delivered(self, position: Position) -> tuple[Position, Position]:
-        """``position``, moved past a range delivered ahead that holds it, and where the next
-        such range starts (state lock held)."""
-        ahead = self._ahead
-        index = bisect.bisect_right(ahead, (position, _END)) - 1
-        while 0 <= index < len(ahead) and ahead[index][0] <= position < ahead[index][1]:
-            position = self._normalized(ahead[index][1])
-            index = bisect.bisect_right(ahead, (position, _END)) - 1
-        following = index + 1
-        stop = ahead[following][0] if following < len(ahead) else _END
-        return position, stop
 
     def rewind(self) -> None:
         """Reads again from the acknowledged position (after dropping unacknowledged reads)."""
@@ -403,16 +382,7 @@ class Spool:
     def _skip(
         self, path: Path, segment: int, offset: int, end: int, reason: str
     ) -> tuple[Position, int, bool]:
-        region = CorruptRegion(path=path, offset=offset, skipped_bytes=end - offset, reason=reason)
-        log.warning(
-            "spool_damage_skipped",
-            segment=str(path),
-            offset=offset,
-            skipped_bytes=region.skipped_bytes,
-            reason=reason,
-        )
-        if self._on_corrupt is not None:
-            self._on_corrupt(region)
+        self._report(CorruptRegion(path, offset, end - offset, reason))
         with self._state_lock:
             writing_here = segment == self._write.segment
         if writing_here:
@@ -486,21 +456,19 @@ class Spool:
 
     def _report_missing_segments(self, cursor: Position) -> None:
         """Segments between the cursor and the newest that are gone: their rows are lost."""
-        if not self._sizes:
-            return
-        for number in range(cursor.segment, max(self._sizes)):
+        for number in range(cursor.segment, max(self._sizes, default=cursor.segment)):
             if number not in self._sizes:
-                self._skip_missing(self.directory / segment_name(number), cursor, number)
+                offset = cursor.offset if number == cursor.segment else 0
+                path = self.directory / segment_name(number)
+                self._report(CorruptRegion(path, offset, 0, "segment file missing"))
 
-    def _skip_missing(self, path: Path, cursor: Position, number: int) -> None:
-        region = CorruptRegion(
-            path=path,
-            offset=cursor.offset if number == cursor.segment else 0,
-            skipped_bytes=0,
-            reason="segment file missing",
-        )
+    def _report(self, region: CorruptRegion) -> None:
         log.warning(
-            "spool_damage_skipped", segment=str(path), skipped_bytes=0, reason=region.reason
+            "spool_damage_skipped",
+            segment=str(region.path),
+            offset=region.offset,
+            skipped_bytes=region.skipped_bytes,
+            reason=region.reason,
         )
         if self._on_corrupt is not None:
             self._on_corrupt(region)
@@ -514,15 +482,6 @@ class Spool:
             (self.directory / segment_name(number)).unlink(missing_ok=True)
 
     # --- lifecycle ------------------------------------------------------------------------------
-
-    def _take_lock(self) -> int:
-        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SpoolError(f"spool {self.directory} is in use by another process") from None
-        return fd
 
     def close(self) -> None:
         """Syncs and closes the current segment and releases the directory."""

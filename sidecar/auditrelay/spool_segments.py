@@ -8,6 +8,7 @@ reported as damage; the spool skips it.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import zlib
@@ -16,10 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, NamedTuple
 
+from auditrelay.errors import SpoolError, SpoolFullError
+
 FRAME: Final = struct.Struct("<II")
 SEGMENT_SUFFIX: Final = ".seg"
 READ_BLOCK: Final = 1 << 20
 MAX_FRAME_PAYLOAD: Final = 64 << 20  # a length above this is damage, not a row
+_DISK_FULL: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class Position(NamedTuple):
@@ -128,3 +132,14 @@ def read_frames(
         added += length + row_overhead
         offset += FRAME.size + length
     return FramesRead(offset, added)
+
+
+def storage_error(directory: Path, action: str, error: OSError) -> SpoolError:
+    """The spool's error for a failed write: ``SpoolFullError`` for a full file system."""
+    if error.errno in _DISK_FULL:
+        return SpoolFullError(
+            f"no space left on the file system of spool {directory} during {action} "
+            f"({os.strerror(error.errno or 0)}); the failed rows were cut off again, "
+            "nothing stored before is affected"
+        )
+    return SpoolError(f"spool {directory}: {action} failed: {error}")

@@ -15,18 +15,21 @@ kernel has; a power loss may forget the last ids, and those chunks are stored ag
 
 from __future__ import annotations
 
+import bisect
 import fcntl
 import hashlib
 import json
 import os
+import sys
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 import structlog
 
+from auditrelay.errors import SpoolError
 from auditrelay.spool_segments import Position, count_frames, segment_name, segment_sizes
 
 log = structlog.get_logger(__name__)
@@ -41,6 +44,7 @@ _AGE_RESOLUTION: Final = 1.0  # seconds between two remembered append times
 _MAX_AGES: Final = 4096  # remembered append times at most
 
 Range = tuple[Position, Position]
+_END: Final = Position(sys.maxsize, 0)
 
 
 def chunk_id(tag: str, chunk: bytes) -> bytes:
@@ -237,3 +241,28 @@ def in_use(directory: Path) -> bool:
     finally:
         os.close(fd)  # closing releases the lock we may have taken
     return False
+
+
+def past_delivered(
+    ahead: list[Range], position: Position, normalized: Callable[[Position], Position]
+) -> tuple[Position, Position]:
+    """``position``, moved past the ranges delivered ahead (sorted) that hold it, and where
+    the next such range starts."""
+    index = bisect.bisect_right(ahead, (position, _END)) - 1
+    while 0 <= index < len(ahead) and ahead[index][0] <= position < ahead[index][1]:
+        position = normalized(ahead[index][1])
+        index = bisect.bisect_right(ahead, (position, _END)) - 1
+    following = index + 1
+    return position, ahead[following][0] if following < len(ahead) else _END
+
+
+def take_lock(directory: Path) -> int:
+    """Locks a spool directory for this process (flock on its lock file); raises SpoolError
+    when another process holds it. The lock goes with the descriptor, or the process."""
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SpoolError(f"spool {directory} is in use by another process") from None
+    return fd
