@@ -274,6 +274,46 @@ class TestConfigure:
         assert "read-only" in (caught.value.details() or "")
 
     @pytest.mark.parametrize(
+        ("error", "code"),
+        [
+            (SpoolError("no space left on the state disk"), grpc.StatusCode.FAILED_PRECONDITION),
+            (OSError(28, "No space left on device"), grpc.StatusCode.UNKNOWN),
+        ],
+        ids=["sidecar", "bug"],
+    )
+    async def test_a_failed_configure_is_freed_once_answered(
+        self,
+        channel: grpc.aio.Channel,
+        handler: ScriptedHandler,
+        monkeypatch: pytest.MonkeyPatch,
+        error: Exception,
+        code: grpc.StatusCode,
+    ) -> None:
+        """The plugin configures again at once after a failure (a full state disk after a
+        restart): what the failed attempt built must go as soon as it is answered, not wait
+        for a full garbage collection, or the sidecar grows with every attempt."""
+        freed: list[weakref.ref[object]] = []
+
+        class HalfBuiltPipeline:
+            failure: Exception | None = None
+
+        async def fail(properties: Mapping[str, str], instance: str, version: str) -> str:
+            pipeline = HalfBuiltPipeline()
+            freed.append(weakref.ref(pipeline))
+            pipeline.failure = error
+            raise pipeline.failure  # its traceback holds this frame, which holds the pipeline
+
+        monkeypatch.setattr(handler, "configure", fail)
+        gc.disable()  # only reference counting may free it
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await relay_stub(channel).Configure(relay_pb2.ConfigureRequest(), timeout=10)
+            assert code == caught.value.code()
+            assert [None] == [ref() for ref in freed]
+        finally:
+            gc.enable()
+
+    @pytest.mark.parametrize(
         "problem",
         [
             PropertyProblem("client_secret", "hunter2", "a non-empty value"),
