@@ -87,7 +87,8 @@ soak: $(PLUGIN) controlplane ## Chaos soak: SOAK_EVENTS events of the real contr
 .PHONY: soak-ci
 soak-ci: ## The chaos soak at CI size (60,000 events, every fault kind once, under 3 minutes)
 	$(MAKE) --no-print-directory soak SOAK_EVENTS=60000 \
-	  SOAK_ARGS="--fault-seconds 3 --outage-seconds 6 --spool-limit 512K --drain-seconds 100 --max-seconds 175"
+	  SOAK_ARGS="--fault-seconds 3 --outage-seconds 6 --spool-limit 512K --drain-seconds 100 --max-seconds 175 \
+	    --max-duplicate-share 0.05"
 
 FUZZ_RUNS ?= 1000000
 FUZZ_SECONDS ?= 0
