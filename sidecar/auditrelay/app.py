@@ -383,7 +383,9 @@ def _process_chunk(pipeline: Pipeline, tag: str, chunk: bytes) -> _Outcome:
     stream = ChunkStream(chunk, tag)
     apply = pipeline.event_filter.apply
     sink = pipeline.sink
-    writer = sink.rows() if isinstance(sink, RowSink) else None
+    writer = sink.rows(tag, chunk) if isinstance(sink, RowSink) else None
+    if writer is not None and writer.already_stored():
+        return _Outcome([], 0, 0, 0, [])  # sent again after its answer was lost: stored once
     kept: list[AuditEvent] = []
     received = accepted = 0
     add = kept.append if writer is None else writer.add

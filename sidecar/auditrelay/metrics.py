@@ -48,6 +48,7 @@ class PipelineMetrics:
     sent_bytes: Counter
     retries: Counter
     spool_full: Counter
+    chunks_duplicate: Counter
     spool_corrupt_bytes: Counter
     fields_truncated: Counter
     connections_opened: Counter
@@ -128,6 +129,10 @@ class Metrics:
             "auditrelay_spool_full_total",
             "Appends refused because the spool (or its disk) is full.",
         )
+        self.chunks_duplicate = counter(
+            "auditrelay_chunks_duplicate_total",
+            "Chunks sent again whose rows the spool holds already (answered ACCEPTED, not stored).",
+        )
         self.spool_corrupt_bytes = counter(
             "auditrelay_spool_corrupt_bytes_total",
             "Bytes of torn or damaged spool records skipped on reading.",
@@ -197,6 +202,7 @@ class Metrics:
             sent_bytes=self.sent_bytes.labels(pipeline_id),
             retries=self.retries.labels(pipeline_id),
             spool_full=self.spool_full.labels(pipeline_id),
+            chunks_duplicate=self.chunks_duplicate.labels(pipeline_id),
             spool_corrupt_bytes=self.spool_corrupt_bytes.labels(pipeline_id),
             fields_truncated=self.fields_truncated.labels(pipeline_id),
             connections_opened=self.connections_opened.labels(pipeline_id),

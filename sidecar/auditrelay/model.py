@@ -247,6 +247,10 @@ class RowWriter(Protocol):
         """Encodes the event to its row at once (so its fields can be freed); an event that
         cannot be encoded is set aside as a dead letter at ``commit``."""
 
+    def already_stored(self) -> bool:
+        """Whether the sink stored this chunk's rows already: Fluent Bit sent it again because
+        the answer to an earlier Push was lost. Then nothing is added or committed."""
+
     def commit(self) -> None:
         """Blocks until every row added is durable; raises SpoolFullError when over the limit.
         Safe to call from a worker thread."""
@@ -260,8 +264,8 @@ class RowSink(Protocol):
     async def append(self, events: Sequence[AuditEvent]) -> None:
         """As ``EventSink.append``."""
 
-    def rows(self) -> RowWriter:
-        """A writer for the rows of one chunk."""
+    def rows(self, tag: str = "", chunk: bytes | None = None) -> RowWriter:
+        """A writer for the rows of one chunk (given, so that it is stored only once)."""
 
 
 class DeadLetterSink(Protocol):

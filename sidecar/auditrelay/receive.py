@@ -301,8 +301,17 @@ class RelayService(relay_pb2_grpc.RelayServicer):
         except ConfigError as error:
             return self._rejected(request, error)
         except AuditRelayError as error:  # the sidecar itself cannot serve (e.g. its state dir)
+            # The plugin asks again at once: one line with the reason, no traceback to render
+            # each time, and none kept (it holds the half-built pipeline; see _push).
+            log.error(  # noqa: TRY400 - the reason is the message; no traceback per retry
+                "configure_failed", instance_name=request.instance_name, error=str(error)
+            )
+            message, error.__traceback__ = str(error), None
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
+        except Exception as error:  # a bug: the status gRPC gives it anyway, and the traceback
             log.exception("configure_failed", instance_name=request.instance_name)
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+            error.__traceback__ = None
+            await context.abort(grpc.StatusCode.UNKNOWN, "internal error; see sidecar log")
         return relay_pb2.ConfigureResponse(pipeline_id=pipeline_id)
 
     def _rejected(
@@ -349,11 +358,17 @@ class RelayService(relay_pb2_grpc.RelayServicer):
         except PipelineNotFoundError as error:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
         except SpoolError as error:
+            # Its traceback holds the frames that decoded the chunk (the chunk, its rows), in a
+            # cycle through the handler's outcome; dropped here, they are freed now instead of
+            # at the next full garbage collection: under a full spool Fluent Bit retries chunk
+            # after chunk, and the process grew by their size every time (1.5 MB a chunk).
+            error.__traceback__ = None
             return relay_pb2.PushResponse(
                 status=relay_pb2.PushResponse.RETRY_LATER, message=f"spool: {error}"
             )
-        except Exception:  # a bug must not acknowledge the chunk, nor kill the server
+        except Exception as error:  # a bug must not acknowledge the chunk, nor kill the server
             log.exception("push_failed", pipeline_id=request.pipeline_id, tag=request.tag)
+            error.__traceback__ = None
             return relay_pb2.PushResponse(
                 status=relay_pb2.PushResponse.RETRY_LATER, message="internal error; see sidecar log"
             )

@@ -41,7 +41,9 @@ from auditrelay.errors import SpoolError, SpoolFullError
 from auditrelay.metrics import PipelineMetrics
 from auditrelay.model import AuditEvent, DeadLetter, DeadLetterSink
 from auditrelay.request_limits import RawLimitEvidence, RequestLimits
-from auditrelay.spool import CorruptRegion, Position, Spool
+from auditrelay.spool import Spool
+from auditrelay.spool_segments import CorruptRegion, Position
+from auditrelay.spool_state import chunk_id
 from auditrelay.stream import RowEncoder
 
 log = structlog.get_logger(__name__)
@@ -219,11 +221,21 @@ class DeliverySink:
             writer.add(event)
         await asyncio.to_thread(writer.commit)
 
-    def rows(self) -> _RowWriter:
-        """A ``model.RowWriter`` for one chunk: encode on any one thread, commit there too."""
-        return _RowWriter(self)
+    def rows(self, tag: str = "", chunk: bytes | None = None) -> _RowWriter:
+        """A ``model.RowWriter`` for one chunk: encode on any one thread, commit there too.
+        Given the chunk, its rows are stored once however often it is sent."""
+        return _RowWriter(self, None if chunk is None else chunk_id(tag, chunk))
 
-    def _commit(self, rows: list[bytes], letters: list[DeadLetter]) -> None:
+    def _already_stored(self, chunk: bytes) -> bool:
+        if not self.spool.holds_chunk(chunk):
+            return False
+        self.metrics.chunks_duplicate.inc()
+        log.info("chunk_already_stored", pipeline=self.name, note="sent again; stored once")
+        return True
+
+    def _commit(
+        self, rows: list[bytes], letters: list[DeadLetter], chunk: bytes | None = None
+    ) -> None:
         """The blocking half of an append, on the caller's thread."""
         truncated = self._encoder.stats.fields_truncated
         if truncated != self._truncated_seen:
@@ -231,7 +243,7 @@ class DeliverySink:
             self._truncated_seen = truncated
         if rows:
             try:
-                self.spool.append(rows)
+                self.spool.append(rows, chunk=chunk)
             except SpoolFullError:
                 self.metrics.spool_full.inc()
                 raise
@@ -341,7 +353,7 @@ class DeliverySink:
                 self.metrics.delivery_latency.observe(max(0.0, time.time() - appended))
         finally:
             self._slots.release()
-        await self._acknowledge_settled()
+        await self._acknowledge_settled(number, ticket)
 
     async def _deliver_body(self, body: Body) -> None:
         report = await self._deliverer.deliver(body)
@@ -367,18 +379,22 @@ class DeliverySink:
             retries=report.retries,
         )
 
-    async def _acknowledge_settled(self) -> None:
+    async def _acknowledge_settled(self, number: int, ticket: _InFlight) -> None:
+        """Moves the cursor over every settled batch in order; a batch settled while an earlier
+        one is outstanding is recorded as delivered ahead, so a restart does not resend it."""
         settled: Position | None = None
         while self._inflight:
-            number = next(iter(self._inflight))
-            if not self._inflight[number].done:
+            first = next(iter(self._inflight))
+            if not self._inflight[first].done:
                 break
-            settled = self._inflight.pop(number).end
-        if settled is not None:
-            try:
+            settled = self._inflight.pop(first).end
+        try:
+            if settled is not None:
                 await asyncio.to_thread(self.spool.acknowledge, settled)
-            finally:
-                self._progress.set()
+            if number in self._inflight:
+                await asyncio.to_thread(self.spool.acknowledge_ahead, ticket.start, ticket.end)
+        finally:
+            self._progress.set()
 
     def _lower_raw_limit(self, evidence: RawLimitEvidence) -> None:
         """The endpoint counts uncompressed bytes: every body from now on stays under the new
@@ -433,10 +449,11 @@ class DeliverySink:
 class _RowWriter:
     """The rows of one chunk for a ``DeliverySink`` (``model.RowWriter``)."""
 
-    __slots__ = ("_encode", "_letters", "_rows", "_sink")
+    __slots__ = ("_chunk", "_encode", "_letters", "_rows", "_sink")
 
-    def __init__(self, sink: DeliverySink) -> None:
+    def __init__(self, sink: DeliverySink, chunk: bytes | None) -> None:
         self._sink = sink
+        self._chunk = chunk
         self._encode = sink._encoder.encode
         self._rows: list[bytes] = []
         self._letters: list[DeadLetter] = []
@@ -450,9 +467,13 @@ class _RowWriter:
             reason = f"row encoding failed: {error}"
             self._letters.append(DeadLetter(reason, payload, self._sink.name))
 
+    def already_stored(self) -> bool:
+        """Whether the spool holds this chunk's rows already (counted as a duplicate)."""
+        return self._chunk is not None and self._sink._already_stored(self._chunk)
+
     def commit(self) -> None:
         """Sets the failures aside, then stores the rows durably (blocking)."""
-        self._sink._commit(self._rows, self._letters)
+        self._sink._commit(self._rows, self._letters, self._chunk)
 
 
 def _age(since: float | None) -> float:

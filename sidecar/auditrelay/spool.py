@@ -3,68 +3,94 @@
 Layout of a spool directory::
 
     lock                        held (flock) by the one process using this spool
-    cursor                      {"segment": N, "offset": M}: everything before it is delivered
-    0000000000000001.seg ...    append-only segments of framed rows
+    cursor                      what is delivered (``spool_state``)
+    chunks                      ids of the latest chunks appended (``spool_state``)
+    0000000000000001.seg ...    append-only segments of framed rows (``spool_segments``)
 
-A frame is ``<u32 length><u32 crc32(payload)><payload>`` (little endian); the payload is one row.
 An ``append`` writes all frames of a call with one write and, with ``sync=True``, one fsync
 before it returns, so a Push is acknowledged only once its rows would survive a power loss.
 With ``sync=False`` the caller runs ``sync()`` on a timer and a power loss may lose what was
-appended since the last one.
+appended since the last one. An append may name its chunk; ``holds_chunk`` then recognises the
+same chunk sent again after its answer was lost, so that it is not stored twice.
 
 Each process writes to a new segment, so the segments of an earlier run are sealed: a torn
 tail left by a crash (or a damaged record) is found by the reader when it gets there, reported
 through ``on_corrupt`` and skipped up to the end of that segment; it is never fatal.
 
-The reader streams frames from disk and the cursor moves only through ``acknowledge``, so a
-restart sends again everything not confirmed (at-least-once) and memory does not grow with the
-backlog. Segments behind the cursor are deleted. When the segments would exceed ``limit_bytes``,
-``append`` raises ``SpoolFullError``; a full file system (ENOSPC) raises it too, after cutting
-the segment back to where the failed append started.
+The reader streams frames from disk. The cursor moves only through ``acknowledge``, in order;
+a batch confirmed while an earlier one is outstanding is recorded with ``acknowledge_ahead``,
+and the reader of a later run skips it. So a restart sends again only what was not confirmed
+(at-least-once), and memory does not grow with the backlog. Segments behind the cursor are
+deleted. When the segments would exceed ``limit_bytes``, ``append`` raises ``SpoolFullError``;
+a full file system (ENOSPC) raises it too, after cutting the segment back to where the failed
+append started.
 
 The methods block on file I/O; ``sink`` calls them from a worker thread. They are thread-safe.
 """
 
 from __future__ import annotations
 
+import bisect
 import errno
-import fcntl
-import json
 import os
-import struct
 import threading
 import time
-import zlib
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, NamedTuple
+from typing import Final
 
 import structlog
 
 from auditrelay.errors import SpoolError, SpoolFullError
+from auditrelay.spool_segments import (
+    FRAME,
+    SEGMENT_SUFFIX,
+    CorruptRegion,
+    Position,
+    frame,
+    read_frames,
+    segment_name,
+    segment_sizes,
+    storage_error,
+)
+from auditrelay.spool_state import (
+    CURSOR_FILE,
+    LOCK_FILE,
+    MAX_AHEAD,
+    AppendTimes,
+    ChunkLog,
+    Range,
+    SpoolSummary,
+    in_use,
+    past_delivered,
+    read_cursor,
+    summarize,
+    sync_directory,
+    take_lock,
+    write_cursor,
+)
+
+__all__ = [
+    "CURSOR_FILE",
+    "FRAME",
+    "LOCK_FILE",
+    "SEGMENT_SUFFIX",
+    "CorruptRegion",
+    "Position",
+    "Spool",
+    "SpoolRead",
+    "SpoolSummary",
+    "frame",
+    "in_use",
+    "summarize",
+]
 
 log = structlog.get_logger(__name__)
 
-FRAME: Final = struct.Struct("<II")
-SEGMENT_SUFFIX: Final = ".seg"
-CURSOR_FILE: Final = "cursor"
-LOCK_FILE: Final = "lock"
 MAX_SEGMENT_BYTES: Final = 64 << 20
 MIN_SEGMENT_BYTES: Final = 64 << 10
-READ_BLOCK: Final = 1 << 20
-MAX_FRAME_PAYLOAD: Final = 64 << 20  # a length above this is damage, not a row
 _DISK_FULL: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
-_AGE_RESOLUTION: Final = 1.0  # seconds between two remembered append times
-_MAX_AGES: Final = 4096  # remembered append times at most
-
-
-class Position(NamedTuple):
-    """A place in the spool: a segment number and a byte offset in it. Ordered."""
-
-    segment: int
-    offset: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,105 +102,6 @@ class SpoolRead:
     end: Position
     raw_bytes: int  # the rows' bytes, each with the read's row_overhead
     full: bool = False  # max_bytes is used up, or the next row would not have fit in it
-
-
-@dataclass(frozen=True, slots=True)
-class CorruptRegion:
-    """A damaged stretch of a segment that the reader skipped."""
-
-    path: Path
-    offset: int
-    skipped_bytes: int
-    reason: str
-
-
-def _segment_name(number: int) -> str:
-    return f"{number:016d}{SEGMENT_SUFFIX}"
-
-
-@dataclass(frozen=True, slots=True)
-class SpoolSummary:
-    """What a spool directory holds, read without opening (or locking) the spool."""
-
-    used_bytes: int  # every segment file
-    pending_bytes: int  # after the cursor, frames included
-    pending_rows: int | None  # None when not counted
-
-
-def summarize(directory: Path, *, count_rows: bool = False) -> SpoolSummary:
-    """Reads a spool directory's segments and cursor without changing anything; safe while
-    another process uses the spool (its figures are then a moment's snapshot)."""
-    sizes: dict[int, int] = {}
-    for path in directory.glob("*" + SEGMENT_SUFFIX):
-        if path.stem.isdigit():
-            try:
-                sizes[int(path.stem)] = path.stat().st_size
-            except FileNotFoundError:  # delivered and deleted while we looked
-                continue
-    cursor = _read_cursor(directory / CURSOR_FILE) or Position(min(sizes, default=1), 0)
-    pending = [(n, size) for n, size in sorted(sizes.items()) if n >= cursor.segment]
-    offset_in_first = cursor.offset if pending and pending[0][0] == cursor.segment else 0
-    pending_bytes = max(0, sum(size for _, size in pending) - offset_in_first)
-    rows = None
-    if count_rows:
-        rows = 0
-        for number, size in pending:
-            start = offset_in_first if number == cursor.segment else 0
-            rows += _count_frames(directory / _segment_name(number), start, size)
-    return SpoolSummary(sum(sizes.values()), pending_bytes, rows)
-
-
-def in_use(directory: Path) -> bool:
-    """Whether a process has the spool open (holds its lock); never creates anything."""
-    try:
-        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing releases the lock we may have taken
-    return False
-
-
-def _read_cursor(path: Path) -> Position | None:
-    try:
-        stored = json.loads(path.read_text(encoding="ascii"))
-        return Position(int(stored["segment"]), int(stored["offset"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _count_frames(path: Path, start: int, end: int) -> int:
-    """Whole frames from ``start``, by their lengths alone (a torn tail ends the count)."""
-    count = 0
-    try:
-        with open(path, "rb") as segment:
-            segment.seek(start)
-            offset = start
-            while offset + FRAME.size <= end:
-                length, _ = FRAME.unpack(segment.read(FRAME.size))
-                if length > MAX_FRAME_PAYLOAD or offset + FRAME.size + length > end:
-                    break
-                segment.seek(length, os.SEEK_CUR)
-                offset += FRAME.size + length
-                count += 1
-    except (OSError, struct.error):
-        pass  # gone or torn while we looked: what was counted stands
-    return count
-
-
-def frame(rows: Sequence[bytes]) -> bytes:
-    """The bytes one append writes: every row framed with its length and CRC32."""
-    pack = FRAME.pack
-    crc = zlib.crc32
-    parts: list[bytes] = []
-    for row in rows:
-        parts.append(pack(len(row), crc(row)))
-        parts.append(row)
-    return b"".join(parts)
 
 
 class Spool:
@@ -201,20 +128,17 @@ class Spool:
         self._ack_lock = threading.Lock()  # one cursor update at a time
         self._read_lock = threading.Lock()  # one reader at a time
         directory.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = self._take_lock()
-        self._sizes: dict[int, int] = {}  # segment number -> bytes on disk (sealed and current)
-        for path in sorted(directory.glob("*" + SEGMENT_SUFFIX)):
-            if path.stem.isdigit():
-                self._sizes[int(path.stem)] = path.stat().st_size
-        cursor = self._load_cursor()
+        self._lock_fd = take_lock(directory)
+        self._sizes = segment_sizes(directory)  # segment number -> bytes (sealed and current)
+        cursor, self._ahead = self._load_cursor()
         self._report_missing_segments(cursor)
         self._ack = self._normalized_start(cursor)
         self._delete_before(self._ack.segment)
         self._read = self._ack
-        self._ages: deque[tuple[Position, float]] = deque()
+        self._ages = AppendTimes()
         for number in sorted(n for n in self._sizes if n >= self._ack.segment):
-            mtime = (directory / _segment_name(number)).stat().st_mtime
-            self._ages.append((Position(number, 0), mtime))
+            self._ages.add(Position(number, 0), (directory / segment_name(number)).stat().st_mtime)
+        self._chunks = ChunkLog(directory)
         self._writer_fd = -1
         self._write = Position(0, 0)
         self._open_segment(max(self._sizes, default=self._ack.segment) + 1)
@@ -255,22 +179,24 @@ class Spool:
         with self._state_lock:
             if self._ack >= self._write:
                 return None
-            return self._ages[0][1] if self._ages else None
+            return self._ages.oldest()
 
     def append_time(self, position: Position) -> float | None:
         """Wall-clock time the row at ``position`` was appended (to about a second)."""
         with self._state_lock:
-            found = None
-            for start, when in self._ages:
-                if start > position:
-                    break
-                found = when
-            return found
+            return self._ages.at(position)
 
     # --- writing --------------------------------------------------------------------------------
 
-    def append(self, rows: Sequence[bytes]) -> Position:
-        """Stores the rows durably (with sync) and returns the position after the last one."""
+    def holds_chunk(self, chunk: bytes) -> bool:
+        """Whether the rows of the chunk with this id (``spool_state.chunk_id``) were appended
+        already, in this run or an earlier one (the latest ones are remembered)."""
+        with self._write_lock:
+            return chunk in self._chunks
+
+    def append(self, rows: Sequence[bytes], *, chunk: bytes | None = None) -> Position:
+        """Stores the rows durably (with sync) and returns the position after the last one;
+        ``chunk`` (the id of the chunk they came from) is remembered once they are."""
         data = frame(rows)
         if not data:
             return self.write_position
@@ -284,20 +210,19 @@ class Spool:
                     raise
                 start = self._write
                 self._write_all(data, start)
+            if chunk is not None:
+                self._chunks.remember(chunk)
             end = Position(start.segment, start.offset + len(data))
-            with self._state_lock:
-                self._write = end
-                self._sizes[end.segment] = end.offset
-                now = time.time()
-                if not self._ages or now - self._ages[-1][1] >= _AGE_RESOLUTION:
-                    self._ages.append((start, now))
-                    if len(self._ages) > _MAX_AGES:
-                        # A long backlog: keep every other time (the oldest stays exact), so
-                        # memory stays flat and ages only get coarser.
-                        self._ages = deque(list(self._ages)[::2])
+            self._appended(start, end)
             if end.offset >= self.segment_bytes:
                 self._rotate_quietly(end.segment + 1)
             return end
+
+    def _appended(self, start: Position, end: Position) -> None:
+        with self._state_lock:
+            self._write = end
+            self._sizes[end.segment] = end.offset
+            self._ages.add(start, time.time())
 
     def _rotate_quietly(self, number: int) -> None:
         try:
@@ -312,7 +237,7 @@ class Spool:
             try:
                 os.fsync(self._writer_fd)
             except OSError as error:
-                raise self._storage_error("sync", error) from error
+                raise storage_error(self.directory, "sync", error) from error
 
     def _make_room(self, needed: int) -> None:
         if self.used_bytes + needed <= self.limit_bytes:
@@ -351,7 +276,7 @@ class Spool:
                 os.fsync(self._writer_fd)
         except OSError as error:
             self._undo_write(start.offset)
-            raise self._storage_error("append", error) from error
+            raise storage_error(self.directory, "append", error) from error
 
     def _undo_write(self, offset: int) -> None:
         try:
@@ -360,22 +285,13 @@ class Spool:
         except OSError as error:
             log.exception("spool_truncate_failed", directory=str(self.directory), error=str(error))
 
-    def _storage_error(self, action: str, error: OSError) -> SpoolError:
-        if error.errno in _DISK_FULL:
-            return SpoolFullError(
-                f"no space left on the file system of spool {self.directory} during {action} "
-                f"({os.strerror(error.errno or 0)}); the failed rows were cut off again, "
-                "nothing stored before is affected"
-            )
-        return SpoolError(f"spool {self.directory}: {action} failed: {error}")
-
     def _open_segment(self, number: int) -> None:
-        path = self.directory / _segment_name(number)
+        path = self.directory / segment_name(number)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         except OSError as error:
-            raise self._storage_error("segment creation", error) from error
-        self._sync_directory()
+            raise storage_error(self.directory, "segment creation", error) from error
+        sync_directory(self.directory)
         previous = self._writer_fd
         with self._state_lock:
             self._writer_fd = fd
@@ -383,13 +299,6 @@ class Spool:
             self._sizes[number] = 0
         if previous >= 0:
             os.close(previous)
-
-    def _sync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -407,6 +316,7 @@ class Spool:
             start = position = self._read_position()
             while total < max_bytes and not full:
                 with self._state_lock:
+                    position, stop = past_delivered(self._ahead, position, self._normalized)
                     write = self._write
                     limit = write.offset if position.segment == write.segment else None
                     size = self._sizes.get(position.segment)
@@ -416,6 +326,8 @@ class Spool:
                     position = self._next_segment(position.segment)
                     continue
                 end = limit if limit is not None else size
+                if stop.segment == position.segment:
+                    end = min(end, stop.offset)  # a range delivered ahead starts there
                 if position.offset >= end:
                     break
                 position, added, full = self._read_frames(
@@ -426,8 +338,8 @@ class Spool:
                 self._read = position = self._normalized(position)
                 skipped_only = not rows and position > start and start == self._ack
             if skipped_only:
-                # Only damage was passed over and nothing is outstanding: move the cursor past it
-                # so the damaged segment can go and nothing waits on it.
+                # Only damage or delivered ranges were passed over and nothing is outstanding:
+                # move the cursor past them so their segments can go and nothing waits on them.
                 self.acknowledge(position)
             if not rows:
                 return None
@@ -453,56 +365,24 @@ class Spool:
     ) -> tuple[Position, int, bool]:
         """Frames of one segment from ``position`` up to ``end`` into ``rows``, within
         ``budget``: the new position, the bytes added, and whether a row did not fit."""
-        path = self.directory / _segment_name(position.segment)
-        offset = position.offset
-        added = 0
+        path = self.directory / segment_name(position.segment)
         try:
             segment = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the with below
         except FileNotFoundError:
-            return self._skip(path, position.segment, offset, end, "segment file missing")
+            return self._skip(path, position.segment, position.offset, end, "segment file missing")
         except OSError as error:
             raise SpoolError(f"spool {self.directory}: cannot read {path.name}: {error}") from error
         with segment:
-            fd = segment.fileno()
-            block = b""
-            base = offset  # block holds the file's bytes from base on
-            while added < budget and offset < end:
-                at = offset - base
-                if len(block) - at < FRAME.size:
-                    block = os.pread(fd, min(READ_BLOCK, end - offset), offset)
-                    base, at = offset, 0
-                    if len(block) < FRAME.size:
-                        return self._skip(path, position.segment, offset, end, "torn frame header")
-                length, checksum = FRAME.unpack_from(block, at)
-                if length > MAX_FRAME_PAYLOAD or offset + FRAME.size + length > end:
-                    return self._skip(path, position.segment, offset, end, "torn frame")
-                if rows and added + length + row_overhead > budget:
-                    return Position(position.segment, offset), added, True
-                at += FRAME.size
-                if at + length <= len(block):
-                    payload = block[at : at + length]
-                else:
-                    payload = os.pread(fd, length, offset + FRAME.size)
-                if len(payload) != length or zlib.crc32(payload) != checksum:
-                    return self._skip(path, position.segment, offset, end, "checksum mismatch")
-                rows.append(payload)
-                added += length + row_overhead
-                offset += FRAME.size + length
-        return Position(position.segment, offset), added, False
+            found = read_frames(segment.fileno(), position.offset, end, rows, budget, row_overhead)
+        if found.damage:
+            skipped_to, _, _ = self._skip(path, position.segment, found.offset, end, found.damage)
+            return skipped_to, found.added, False
+        return Position(position.segment, found.offset), found.added, found.full
 
     def _skip(
         self, path: Path, segment: int, offset: int, end: int, reason: str
     ) -> tuple[Position, int, bool]:
-        region = CorruptRegion(path=path, offset=offset, skipped_bytes=end - offset, reason=reason)
-        log.warning(
-            "spool_damage_skipped",
-            segment=str(path),
-            offset=offset,
-            skipped_bytes=region.skipped_bytes,
-            reason=reason,
-        )
-        if self._on_corrupt is not None:
-            self._on_corrupt(region)
+        self._report(CorruptRegion(path, offset, end - offset, reason))
         with self._state_lock:
             writing_here = segment == self._write.segment
         if writing_here:
@@ -518,11 +398,31 @@ class Spool:
                 position = self._normalized(position)
                 if position <= self._ack:
                     return
-                self._ack = position
-                while len(self._ages) > 1 and self._ages[1][0] <= position:
-                    self._ages.popleft()
-            self._store_cursor(position)
+                self._ack = position = self._past_ahead(position)
+                self._ages.forget_before(position)
+                ahead = list(self._ahead)
+            self._store_cursor(position, ahead)
             self._delete_before(position.segment)
+
+    def acknowledge_ahead(self, start: Position, end: Position) -> None:
+        """Marks the rows from ``start`` to ``end`` delivered while earlier ones are not yet
+        (a batch confirmed out of order), durably: a later run does not send them again. The
+        cursor itself moves only through ``acknowledge``."""
+        with self._ack_lock:
+            with self._state_lock:
+                if end <= self._ack or len(self._ahead) >= MAX_AHEAD:
+                    return  # already behind the cursor, or too many: then sent again on restart
+                bisect.insort(self._ahead, (start, end))
+                ack, ahead = self._ack, list(self._ahead)
+            self._store_cursor(ack, ahead)
+
+    def _past_ahead(self, position: Position) -> Position:
+        """``position`` moved past the ranges delivered ahead that it reaches, which are
+        dropped (state lock held)."""
+        while self._ahead and self._ahead[0][0] <= position:
+            _, end = self._ahead.pop(0)
+            position = max(position, self._normalized(end))
+        return position
 
     def _normalized(self, position: Position) -> Position:
         """The same place, moved past the end of sealed segments (state lock held)."""
@@ -535,32 +435,18 @@ class Spool:
             position = Position(min(later), 0)
         return position
 
-    def _store_cursor(self, position: Position) -> None:
-        path = self.directory / CURSOR_FILE
-        temporary = path.with_suffix(".tmp")
-        text = json.dumps({"segment": position.segment, "offset": position.offset})
+    def _store_cursor(self, position: Position, ahead: list[Range]) -> None:
         try:
-            with open(temporary, "w", encoding="ascii") as file:
-                file.write(text)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-            self._sync_directory()
+            write_cursor(self.directory, position, ahead)
         except OSError as error:
             # The rows are delivered; a stale cursor only means they are sent again after a restart.
             log.warning("spool_cursor_not_saved", directory=str(self.directory), error=str(error))
 
-    def _load_cursor(self) -> Position:
-        path = self.directory / CURSOR_FILE
-        oldest = Position(min(self._sizes, default=1), 0)
-        try:
-            stored = json.loads(path.read_text(encoding="ascii"))
-            return Position(int(stored["segment"]), int(stored["offset"]))
-        except FileNotFoundError:
-            return oldest
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            log.warning("spool_cursor_unreadable", path=str(path), error=str(error))
-            return oldest
+    def _load_cursor(self) -> tuple[Position, list[Range]]:
+        stored = read_cursor(self.directory / CURSOR_FILE)
+        if stored is None:
+            return Position(min(self._sizes, default=1), 0), []
+        return stored
 
     def _normalized_start(self, cursor: Position) -> Position:
         if cursor.segment in self._sizes:
@@ -570,21 +456,19 @@ class Spool:
 
     def _report_missing_segments(self, cursor: Position) -> None:
         """Segments between the cursor and the newest that are gone: their rows are lost."""
-        if not self._sizes:
-            return
-        for number in range(cursor.segment, max(self._sizes)):
+        for number in range(cursor.segment, max(self._sizes, default=cursor.segment)):
             if number not in self._sizes:
-                self._skip_missing(self.directory / _segment_name(number), cursor, number)
+                offset = cursor.offset if number == cursor.segment else 0
+                path = self.directory / segment_name(number)
+                self._report(CorruptRegion(path, offset, 0, "segment file missing"))
 
-    def _skip_missing(self, path: Path, cursor: Position, number: int) -> None:
-        region = CorruptRegion(
-            path=path,
-            offset=cursor.offset if number == cursor.segment else 0,
-            skipped_bytes=0,
-            reason="segment file missing",
-        )
+    def _report(self, region: CorruptRegion) -> None:
         log.warning(
-            "spool_damage_skipped", segment=str(path), skipped_bytes=0, reason=region.reason
+            "spool_damage_skipped",
+            segment=str(region.path),
+            offset=region.offset,
+            skipped_bytes=region.skipped_bytes,
+            reason=region.reason,
         )
         if self._on_corrupt is not None:
             self._on_corrupt(region)
@@ -595,18 +479,9 @@ class Spool:
             for number in doomed:
                 del self._sizes[number]
         for number in doomed:
-            (self.directory / _segment_name(number)).unlink(missing_ok=True)
+            (self.directory / segment_name(number)).unlink(missing_ok=True)
 
     # --- lifecycle ------------------------------------------------------------------------------
-
-    def _take_lock(self) -> int:
-        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SpoolError(f"spool {self.directory} is in use by another process") from None
-        return fd
 
     def close(self) -> None:
         """Syncs and closes the current segment and releases the directory."""
@@ -617,6 +492,7 @@ class Spool:
                 finally:
                     os.close(self._writer_fd)
                     self._writer_fd = -1
+            self._chunks.close()
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
                 self._lock_fd = -1

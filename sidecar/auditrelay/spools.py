@@ -83,17 +83,25 @@ def legacy_pipeline_id(instance_name: str, properties: Mapping[str, str]) -> str
 
 
 def write_destination(directory: Path, pipeline_id: str, settings: PipelineSettings) -> None:
-    """Writes ``destination.json`` beside the spool's segments (atomically; no secret in it)."""
+    """Writes ``destination.json`` beside the spool's segments (atomically; no secret in it),
+    unless it says so already: a Configure after a restart on a full disk must not fail for a
+    file that need not change. Raises SpoolError when it cannot be written."""
     record = {
         "pipeline_id": pipeline_id,
         "instance_name": settings.instance_name,
         "destination": settings.destination(),
     }
-    directory.mkdir(parents=True, exist_ok=True)
+    text = orjson.dumps(record, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
     path = directory / DESTINATION_FILE
-    temporary = path.with_suffix(".tmp")
-    temporary.write_bytes(orjson.dumps(record, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
-    os.replace(temporary, path)
+    try:
+        if path.is_file() and path.read_bytes() == text:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_bytes(text)
+        os.replace(temporary, path)
+    except OSError as error:
+        raise SpoolError(f"spool {directory}: cannot write {DESTINATION_FILE}: {error}") from error
 
 
 def describe(destination: Mapping[str, Any] | None) -> str:

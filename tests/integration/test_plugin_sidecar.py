@@ -27,6 +27,7 @@ from auditrelay.devtools.flbproxy import (
     Level,
     Result,
 )
+from auditrelay.spool import summarize
 from fixtures.certs import make_pki
 from fixtures.chunks import (
     TAIL_CHUNK_PARSED,
@@ -230,14 +231,41 @@ def test_spool_full_is_a_retry(proxy: GoProxy, sidecar: Sidecar) -> None:
         )
     )
     # An empty spool takes one chunk over its limit (else that chunk would be refused forever);
-    # the next one has to wait.
-    chunk = tail_chunk(TAIL_CHUNK_PARSED)
-    assert Result.OK == proxy.flush(instance, chunk, TAG)
+    # the next one has to wait. (The same chunk again would be OK: its rows are stored.)
+    assert Result.OK == proxy.flush(instance, tail_chunk(TAIL_CHUNK_PARSED), TAG)
+    chunk = tail_chunk(TAIL_CHUNK_RAW_LOG)
     assert Result.RETRY == proxy.flush(instance, chunk, TAG)
     [line] = proxy.lines(Level.WARN)
     assert line.startswith(
         f"[output:auditrelay:auditrelay.0] chunk retried: tag={TAG} bytes={len(chunk)}: RETRY_LATER: spool: "
     )
+
+
+def test_a_chunk_sent_again_is_stored_once(proxy: GoProxy, sidecar: Sidecar) -> None:
+    """Fluent Bit sends a chunk again when it never got the answer (the sidecar was killed
+    after storing it): the same bytes under the same tag are answered OK and not stored twice."""
+    unreachable = "https://127.0.0.1:1"  # nothing is delivered: the spool shows what is stored
+    instance = proxy.init(
+        section(
+            sidecar,
+            endpoint=unreachable,
+            dcr_id="dcr-" + "0" * 32,
+            auth="client_secret",
+            authority_host=unreachable,
+            tenant_id="tenant",
+            client_id="client",
+            client_secret="not-a-real-secret",
+        )
+    )
+    chunk = tail_chunk(TAIL_CHUNK_PARSED)
+    assert Result.OK == proxy.flush(instance, chunk, TAG)
+    [spool] = [path for path in (sidecar.state_dir / "spool").iterdir() if path.is_dir()]
+    stored = summarize(spool).pending_bytes
+    assert Result.OK == proxy.flush(instance, chunk, TAG)
+    assert stored == summarize(spool).pending_bytes
+    assert 1 == len(sidecar.events("chunk_already_stored"))
+    assert Result.OK == proxy.flush(instance, chunk, "other.tag")  # another tag: another chunk
+    assert stored < summarize(spool).pending_bytes
 
 
 def test_a_chunk_the_sidecar_can_never_take_is_an_error(

@@ -47,8 +47,13 @@ from soak.engine import Engine
 
 WRITE_SYSCALLS: Final = {"74": "fsync", "75": "fdatasync", "1": "write", "18": "pwrite64"}
 TOKEN_LIFETIME_SECONDS: Final = 60.0
-LOWERED_BODY_LIMIT: Final = 96 * 1024
+# Under the wire size of the soak's bodies (64 KiB uncompressed, ~7 KB gzip): a 413 for each
+# until they are split; the largest row of the corpus (2.3 KB gzip) still fits.
+LOWERED_BODY_LIMIT: Final = 5 * 1024
 CLOCK_JUMP_SECONDS: Final = 2 * 3600.0
+# How long the disk stays full at most, waiting for the sidecar to refuse a chunk for it: a
+# restart under load (about 5 s) and the input paused for retries must fit in it.
+DISK_FULL_WAIT_SECONDS: Final = 20.0
 # The faults whose effects last longest (a bad token is kept until it expires) come first, so
 # that the last ones of a cycle leave the drain little to wait for.
 FAULT_KINDS: Final = (
@@ -137,6 +142,11 @@ class SidecarKeeper:
         all its restarts (its ``chunk_deferred`` log lines)."""
         return sum(1 for _ in self.sidecar.events("chunk_deferred"))
 
+    def chunks_stored_once(self) -> int:
+        """How many chunks came back after their answer was lost and were recognised (not
+        stored again), over all the sidecar's restarts."""
+        return sum(1 for _ in self.sidecar.events("chunk_already_stored"))
+
 
 class Chaos:
     """Runs the killer and the fault schedule until ``stop`` (the input is done)."""
@@ -183,6 +193,7 @@ class Chaos:
             kinds * 1.5 * fault_seconds
             + outage_seconds
             + max(outage_seconds, 4 * fault_seconds)
+            + max(fault_seconds, DISK_FULL_WAIT_SECONDS)
             + 10
         )
 
@@ -350,7 +361,7 @@ class Chaos:
         """The state file system filled up, until the sidecar has refused a chunk for it."""
         before = self.keeper.deferrals()
         with ballast_file(self.disk / "ballast"):
-            deadline = time.monotonic() + max(self.fault_seconds, 10.0)
+            deadline = time.monotonic() + max(self.fault_seconds, DISK_FULL_WAIT_SECONDS)
             while not self._pause(0.5) and time.monotonic() < deadline:
                 if self.keeper.deferrals() > before:
                     self.observed["state_disk_full"] += 1

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
 import stat
 import tempfile
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -158,6 +160,33 @@ class TestPush:
         assert relay_pb2.PushResponse.RETRY_LATER == reply.status
         assert str(error) in reply.message
 
+    async def test_a_chunk_refused_for_a_full_spool_is_freed_once_answered(
+        self, channel: grpc.aio.Channel, handler: ScriptedHandler, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Under a full spool Fluent Bit retries chunk after chunk: each refused chunk's memory
+        must go as soon as it is answered, not wait for a full garbage collection. The handler
+        keeps its error in an outcome, as the app does: a reference cycle through the
+        traceback, which the answer must break."""
+        freed: list[weakref.ref[object]] = []
+
+        class Outcome:
+            deferred: Exception | None = None
+
+        async def refuse(pipeline_id: str, tag: str, chunk: bytes) -> PushResult:
+            outcome = Outcome()  # stands for the decoded chunk and its rows
+            freed.append(weakref.ref(outcome))
+            outcome.deferred = SpoolFullError("spool is full")
+            raise outcome.deferred  # its traceback holds this frame, which holds the outcome
+
+        monkeypatch.setattr(handler, "push", refuse)
+        gc.disable()  # only reference counting may free it
+        try:
+            reply = await push(channel)
+            assert relay_pb2.PushResponse.RETRY_LATER == reply.status
+            assert [None] == [ref() for ref in freed]
+        finally:
+            gc.enable()
+
     async def test_unexpected_error_is_retry_later_and_logged(
         self, channel: grpc.aio.Channel, handler: ScriptedHandler
     ) -> None:
@@ -243,6 +272,46 @@ class TestConfigure:
 
         assert grpc.StatusCode.FAILED_PRECONDITION == caught.value.code()
         assert "read-only" in (caught.value.details() or "")
+
+    @pytest.mark.parametrize(
+        ("error", "code"),
+        [
+            (SpoolError("no space left on the state disk"), grpc.StatusCode.FAILED_PRECONDITION),
+            (OSError(28, "No space left on device"), grpc.StatusCode.UNKNOWN),
+        ],
+        ids=["sidecar", "bug"],
+    )
+    async def test_a_failed_configure_is_freed_once_answered(
+        self,
+        channel: grpc.aio.Channel,
+        handler: ScriptedHandler,
+        monkeypatch: pytest.MonkeyPatch,
+        error: Exception,
+        code: grpc.StatusCode,
+    ) -> None:
+        """The plugin configures again at once after a failure (a full state disk after a
+        restart): what the failed attempt built must go as soon as it is answered, not wait
+        for a full garbage collection, or the sidecar grows with every attempt."""
+        freed: list[weakref.ref[object]] = []
+
+        class HalfBuiltPipeline:
+            failure: Exception | None = None
+
+        async def fail(properties: Mapping[str, str], instance: str, version: str) -> str:
+            pipeline = HalfBuiltPipeline()
+            freed.append(weakref.ref(pipeline))
+            pipeline.failure = error
+            raise pipeline.failure  # its traceback holds this frame, which holds the pipeline
+
+        monkeypatch.setattr(handler, "configure", fail)
+        gc.disable()  # only reference counting may free it
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await relay_stub(channel).Configure(relay_pb2.ConfigureRequest(), timeout=10)
+            assert code == caught.value.code()
+            assert [None] == [ref() for ref in freed]
+        finally:
+            gc.enable()
 
     @pytest.mark.parametrize(
         "problem",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from auditrelay.cli import main
 from auditrelay.config import PROPERTIES, PipelineSettings
-from auditrelay.errors import SpoolFullError
+from auditrelay.errors import SpoolError, SpoolFullError
 from auditrelay.spool import Spool, in_use, summarize
 from auditrelay.spools import (
     OrphanWatch,
@@ -285,3 +285,21 @@ class TestSpoolCommand:
 
         assert 2 == code
         assert f"--state-dir: got '{tmp_path / 'typo'}'" in err
+
+
+def test_an_unchanged_destination_is_not_written_again(tmp_path: Path) -> None:
+    """A Configure after a restart rewrites nothing when the destination is the same, so a
+    full state disk does not refuse it; a changed one is replaced."""
+    spool = tmp_path / "spool-a"
+    write_destination(spool, "a", settings())
+    first = (spool / "destination.json").stat().st_ino
+    write_destination(spool, "a", settings())
+    assert first == (spool / "destination.json").stat().st_ino
+    write_destination(spool, "a", settings(dcr_id="dcr-" + "b" * 32))
+    assert first != (spool / "destination.json").stat().st_ino
+
+
+def test_a_destination_that_cannot_be_written_is_a_spool_error(tmp_path: Path) -> None:
+    (tmp_path / "in-the-way").write_text("a file where the spool directory should be")
+    with pytest.raises(SpoolError, match=r"in-the-way: cannot write destination\.json"):
+        write_destination(tmp_path / "in-the-way", "a", settings())
