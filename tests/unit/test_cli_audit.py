@@ -294,6 +294,21 @@ def test_cluster_configuration_is_written_beside_the_backup(
     assert str(written) in capsys.readouterr().out
 
 
+def test_no_wait_leaves_the_cluster_alone_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--no-wait (offline) never asks the cluster: no kubeadm-config backup, and the output
+    says the ConfigMap was not changed and how to get it changed (the API path is tested
+    against a real kube-apiserver in tests/controlplane/test_audit_kubeadm_config.py)."""
+    _node(tmp_path)
+
+    code = _audit("enable", "--host-root", str(tmp_path), "--no-wait")
+
+    assert 0 == code
+    assert "kubeadm-config not changed (--no-wait" in capsys.readouterr().out
+    assert not (tmp_path / BACKUP / "kubeadm" / "kubeadm-config.json").exists()
+
+
 def test_record_names_what_changed(tmp_path: Path) -> None:
     """The backup record holds each file's original and written sha256."""
     manifest = _node(tmp_path)

@@ -20,7 +20,7 @@ from typing import Any, Final
 
 import orjson
 
-from auditrelay.audit import openshift, rancher
+from auditrelay.audit import kubeadm_config, openshift, rancher
 from auditrelay.audit.backup import DEFAULT_BACKUP_DIR, BackupStore
 from auditrelay.audit.errors import AuditSetupError, RollbackRefusedError
 from auditrelay.audit.files import node_lock
@@ -83,8 +83,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     enable.add_argument(
         "--cluster-config",
         type=Path,
-        help="kubeadm: the ClusterConfiguration of the kubeadm-config ConfigMap; the same "
-        "settings are written beside the backup for you to apply, so kubeadm upgrade keeps them",
+        help="kubeadm, offline: the ClusterConfiguration of the kubeadm-config ConfigMap; the "
+        "same settings are written beside the backup for you to apply, so kubeadm upgrade keeps "
+        "them (without it, enable changes the ConfigMap through the API unless --no-wait)",
     )
     rollback.add_argument(
         "--force", action="store_true", help="restore even if the file changed since enable"
@@ -117,7 +118,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         default=BUNDLED_POLICY,
         help="the required audit policy, installed by enable (default: the bundled one)",
     )
-    parser.add_argument("--kubeconfig", type=Path, help="OpenShift: the cluster to change")
+    parser.add_argument(
+        "--kubeconfig",
+        type=Path,
+        help="OpenShift: the cluster to change; kubeadm: for the kubeadm-config ConfigMap "
+        "(default: the node's /etc/kubernetes/admin.conf under --host-root, else the pod's "
+        "service account)",
+    )
     parser.add_argument(
         "--output", choices=("table", "json"), default="table", help="default: table"
     )
@@ -329,14 +336,28 @@ def _already_on(args: argparse.Namespace, setup: NodeSetup, report: dict[str, An
 def _cluster_configuration(
     args: argparse.Namespace, setup: NodeSetup, store: BackupStore, outcome: Outcome
 ) -> None:
+    """kubeadm: the same settings for ``kubeadm upgrade``, in the kubeadm-config ConfigMap.
+
+    ``--cluster-config FILE``: written beside the backup for the operator to apply (offline).
+    ``--no-wait`` without it: the cluster is not asked (offline), the output says how.
+    Otherwise: through the API, once this node's API server runs with audit logging on."""
     if setup.distro != "kubeadm" or outcome.exit_code != 0 or outcome.action == "policy-replaced":
         return
-    if args.cluster_config is None:
+    if args.cluster_config is not None:
+        _cluster_configuration_file(args, store, outcome)
+    elif args.no_wait:
         outcome.notes.append(
-            "kubeadm upgrade regenerates the manifest from the kubeadm-config ConfigMap: pass "
-            "its ClusterConfiguration with --cluster-config to get the same settings for it"
+            "kubeadm-config not changed (--no-wait: the cluster is not asked); kubeadm upgrade "
+            "writes the manifest again from it: run enable once more with the API server up, "
+            "or pass its ClusterConfiguration with --cluster-config"
         )
-        return
+    else:
+        _cluster_configuration_api(args, store, outcome)
+
+
+def _cluster_configuration_file(
+    args: argparse.Namespace, store: BackupStore, outcome: Outcome
+) -> None:
     try:
         text = args.cluster_config.read_text(encoding="utf-8")
     except OSError as error:
@@ -356,6 +377,46 @@ def _cluster_configuration(
     )
 
 
+def _cluster_configuration_api(
+    args: argparse.Namespace, store: BackupStore, outcome: Outcome
+) -> None:
+    try:
+        api = kubeadm_config.connect(args.kubeconfig, args.host_root)
+        found = kubeadm_config.enable(api, store.slot, KUBEADM_TARGET, args.dry_run)
+    except AuditSetupError as error:
+        if args.dry_run:
+            outcome.notes.append(f"kubeadm-config: cannot plan its change: {error}")
+            return
+        warning = (
+            f"kubeadm-config NOT changed: {error}. kubeadm upgrade would turn audit logging "
+            "off again: run enable once more, or pass the ClusterConfiguration with "
+            "--cluster-config and apply the file it writes"
+        )
+        print(f"auditrelay audit enable: warning: {warning}", file=sys.stderr)
+        outcome.notes.append(warning)
+        return
+    outcome.changes += [f"{kubeadm_config.WHERE}: {change}" for change in found.changes]
+    if found.action == "unchanged":
+        outcome.notes.append(f"{kubeadm_config.WHERE} already has the audit settings")
+    elif found.conflicts:
+        outcome.notes.append(
+            f"{kubeadm_config.WHERE}: written after {found.conflicts} conflict(s) with "
+            "another writer"
+        )
+
+
+def _rollback_cluster_configuration(
+    args: argparse.Namespace, setup: NodeSetup, store: BackupStore
+) -> list[str]:
+    """kubeadm: restores the ConfigMap enable changed from this node, before the manifest."""
+    if setup.distro != "kubeadm" or not kubeadm_config.has_backup(store.slot):
+        return []
+    if args.dry_run:
+        return [f"would restore {kubeadm_config.WHERE}"]
+    api = kubeadm_config.connect(args.kubeconfig, args.host_root)
+    return kubeadm_config.rollback(api, store.slot, args.force).changes
+
+
 def _rollback(args: argparse.Namespace) -> int:
     if args.distro == "openshift":
         return _openshift_rollback(args)
@@ -369,6 +430,7 @@ def _rollback(args: argparse.Namespace) -> int:
             if record is None
             else f"would restore: {[f.path for f in record.files]}"
         )
+        outcome.notes += _rollback_cluster_configuration(args, setup, store)
         _print_outcome(args, outcome)
         return 0
     if args.missing_ok and store.active() is None and store.rolled_back() is None:
@@ -377,7 +439,9 @@ def _rollback(args: argparse.Namespace) -> int:
         _print_outcome(args, outcome)
         return EXIT_ON
     with node_lock(store.slot.parent, args.lock_wait):
+        restored = _rollback_cluster_configuration(args, setup, store)
         outcome = setup.rollback(store, _wait_settings(args), args.force)
+    outcome.changes[:0] = restored
     _print_outcome(args, outcome)
     return outcome.exit_code
 
