@@ -86,7 +86,7 @@ def _programs(container: dict[str, Any], entrypoint: list[str]) -> list[str]:
 
 
 def _image_containers(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    found = []
+    found: list[dict[str, Any]] = []
     for item in objects:
         spec = item.get("spec", {})
         pod = spec.get("template", {}).get("spec") or (spec if item["kind"] == "Pod" else {})
