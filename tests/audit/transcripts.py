@@ -13,7 +13,8 @@ tests/controlplane/staticpod.py runs kube-apiserver from the manifest; ``enable`
 and changes the kubeadm-config ConfigMap) and ``openshift`` (kube-apiserver serving the
 APIServer CRD). Without ``--controlplane`` they are left as they are.
 
-``python3 tests/audit/transcripts.py [--controlplane]`` rewrites the pages;
+``python3 tests/audit/transcripts.py [--controlplane]`` (``make transcripts``: with) rewrites
+the pages;
 tests/unit/test_audit_transcripts.py fails when an offline transcript is stale.
 """
 

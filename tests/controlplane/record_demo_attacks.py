@@ -11,8 +11,8 @@
    same path again, and checks that every rule that fired on the whole log fires on them.
 4. Refuses to write a line that holds a bearer token (a JWT), and writes the file.
 
-Run ``python3 tests/controlplane/record_demo_attacks.py``. The file is replaced only when every
-step succeeded.
+Run ``python3 tests/controlplane/record_demo_attacks.py`` (``make demo-attacks``). The file is
+replaced only when every step succeeded.
 """
 
 from __future__ import annotations
