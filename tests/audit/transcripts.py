@@ -14,8 +14,7 @@ and changes the kubeadm-config ConfigMap) and ``openshift`` (kube-apiserver serv
 APIServer CRD). Without ``--controlplane`` they are left as they are.
 
 ``python3 tests/audit/transcripts.py [--controlplane]`` (``make transcripts``: with) rewrites
-the pages;
-tests/unit/test_audit_transcripts.py fails when an offline transcript is stale.
+the pages; tests/unit/test_audit_transcripts.py fails when an offline transcript is stale.
 """
 
 from __future__ import annotations
