@@ -123,16 +123,18 @@ class _RacingConfigMaps:
         self.api = api
         self.raced = False
 
-    def read_namespaced_config_map(self, name: str, namespace: str) -> Any:
-        return self.api.read_namespaced_config_map(name, namespace)
+    def read_namespaced_config_map(self, name: str, namespace: str, **options: Any) -> Any:
+        return self.api.read_namespaced_config_map(name, namespace, **options)
 
-    def replace_namespaced_config_map(self, name: str, namespace: str, body: Any) -> Any:
+    def replace_namespaced_config_map(
+        self, name: str, namespace: str, body: Any, **options: Any
+    ) -> Any:
         if not self.raced:
             self.raced = True
             rival = self.api.read_namespaced_config_map(name, namespace)
             rival.data["ClusterStatus"] = "apiEndpoints: {}\n"
             self.api.replace_namespaced_config_map(name, namespace, rival)
-        return self.api.replace_namespaced_config_map(name, namespace, body)
+        return self.api.replace_namespaced_config_map(name, namespace, body, **options)
 
 
 def test_concurrent_writer_conflict_is_retried(core: Any, tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from typing import Any, Final, Protocol
 import orjson
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
+from urllib3.exceptions import HTTPError
 
 from auditrelay.audit.errors import AuditSetupError, BackupError, RollbackRefusedError
 from auditrelay.audit.files import atomic_write, sha256
@@ -35,15 +36,18 @@ RECORD: Final = "kubeadm-config.json"
 ORIGINAL: Final = "kubeadm-config-original.yaml"
 ROLLED_BACK: Final = "kubeadm-config-rolled-back.json"
 ATTEMPTS: Final = 5
+REQUEST_TIMEOUT_SECONDS: Final = 30.0  # the client's default is to wait for ever
 WHERE: Final = f"configmap {NAMESPACE}/{NAME}"
 
 
 class ConfigMaps(Protocol):
     """The two calls of kubernetes.client.CoreV1Api this module makes."""
 
-    def read_namespaced_config_map(self, name: str, namespace: str) -> Any: ...
+    def read_namespaced_config_map(self, name: str, namespace: str, **options: Any) -> Any: ...
 
-    def replace_namespaced_config_map(self, name: str, namespace: str, body: Any) -> Any: ...
+    def replace_namespaced_config_map(
+        self, name: str, namespace: str, body: Any, **options: Any
+    ) -> Any: ...
 
 
 def connect(kubeconfig: Path | None, host_root: Path) -> ConfigMaps:
@@ -123,12 +127,16 @@ def rollback(api: ConfigMaps, slot: Path, force: bool) -> ConfigMapOutcome:
 
 def _read(api: ConfigMaps) -> Any:
     try:
-        return api.read_namespaced_config_map(NAME, NAMESPACE)
+        return api.read_namespaced_config_map(
+            NAME, NAMESPACE, _request_timeout=REQUEST_TIMEOUT_SECONDS
+        )
     except ApiException as error:
         raise AuditSetupError(
             f"{WHERE}: cannot read it ({error.status} {error.reason}); is this a kubeadm "
             "cluster, and may this identity get configmaps in kube-system?"
         ) from error
+    except HTTPError as error:
+        raise AuditSetupError(f"{WHERE}: cannot reach the API server: {error}") from error
 
 
 def _document(found: Any) -> str:
@@ -141,11 +149,15 @@ def _document(found: Any) -> str:
 def _replaced(api: ConfigMaps, body: Any) -> bool:
     """True when written; False on 409 Conflict (the resourceVersion is stale: read again)."""
     try:
-        api.replace_namespaced_config_map(NAME, NAMESPACE, body)
+        api.replace_namespaced_config_map(
+            NAME, NAMESPACE, body, _request_timeout=REQUEST_TIMEOUT_SECONDS
+        )
     except ApiException as error:
         if error.status == 409:
             return False
         raise AuditSetupError(f"{WHERE}: write refused ({error.status} {error.reason})") from error
+    except HTTPError as error:
+        raise AuditSetupError(f"{WHERE}: cannot reach the API server: {error}") from error
     return True
 
 
