@@ -13,6 +13,7 @@ import yaml
 from auditrelay.audit import kubeadm_config
 from auditrelay.audit.errors import BackupError, RollbackRefusedError
 from auditrelay.audit.kubeadm import KUBEADM_TARGET
+from auditrelay.cli import main
 from kubernetes import client, config
 
 from controlplane.cluster import ADMIN_USER, AuditSettings, ControlPlane, wait_until
@@ -183,3 +184,30 @@ def test_a_damaged_backup_restores_nothing(core: Any, tmp_path: Path, damage: st
     with pytest.raises(BackupError, match=f"{damage if damage == 'missing' else 'altered'}"):
         kubeadm_config.rollback(core, tmp_path, force=True)
     assert written == _document(core)
+
+
+def test_an_enable_run_offline_is_finished_by_the_next_one(
+    plane: ControlPlane, core: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """enable --no-wait (offline) leaves kubeadm-config alone; the next enable, with the
+    cluster answering, finds audit logging on (nothing else changes) and adds the manifest's
+    settings to the ConfigMap; rollback restores both."""
+    original = _create(core, "v1.37")
+    manifest = tmp_path / "etc/kubernetes/manifests/kube-apiserver.yaml"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_bytes((DATA / "kubeadm-v1.37" / "kube-apiserver.yaml").read_bytes())
+    at = ["--host-root", str(tmp_path), "--kubeconfig", str(plane.kubeconfig(ADMIN_USER))]
+
+    assert 0 == main(["audit", "enable", *at, "--no-wait"])
+    assert original == _document(core)
+    written = manifest.read_bytes()
+    capsys.readouterr()
+    assert 0 == main(["audit", "enable", *at])
+    out = capsys.readouterr().out
+
+    assert "audit logging is already on: nothing changed" in out
+    assert written == manifest.read_bytes()
+    kept = yaml.safe_load(_document(core))["apiServer"]["extraArgs"]
+    assert {"name": "audit-log-path", "value": str(KUBEADM_TARGET.log_path)} in kept
+    assert 0 == main(["audit", "rollback", *at, "--no-wait"])
+    assert original == _document(core)

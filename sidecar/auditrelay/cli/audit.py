@@ -20,15 +20,11 @@ from typing import Any, Final
 
 import orjson
 
-from auditrelay.audit import kubeadm_config, openshift, rancher
+from auditrelay.audit import kubeadm_upgrade, openshift, rancher
 from auditrelay.audit.backup import DEFAULT_BACKUP_DIR, BackupStore
 from auditrelay.audit.errors import AuditSetupError, RollbackRefusedError
 from auditrelay.audit.files import node_lock
-from auditrelay.audit.kubeadm import (
-    DEFAULT_MANIFEST,
-    KUBEADM_TARGET,
-    plan_cluster_configuration,
-)
+from auditrelay.audit.kubeadm import DEFAULT_MANIFEST
 from auditrelay.audit.node import NodeSetup, Outcome, WaitSettings
 from auditrelay.audit.status import assess
 from auditrelay.config import BUNDLED_POLICY
@@ -314,107 +310,26 @@ def _enable(args: argparse.Namespace) -> int:
         report = assess(setup, args.policy)
         replace = args.replace_policy or report.get("rke2PolicyMissing", False)
         if report["state"] != "off" and not replace:
-            return _already_on(args, setup, report)
+            return _already_on(args, setup, report, store)
         if report["state"] != "off":
             outcome = setup.replace_policy(store, policy, _wait_settings(args), args.dry_run)
         else:
             outcome = setup.enable(store, policy, _wait_settings(args), args.dry_run)
-        _cluster_configuration(args, setup, store, outcome)
+        kubeadm_upgrade.keep_for_upgrade(args, setup, store, outcome)
     _print_outcome(args, outcome)
     return outcome.exit_code
 
 
-def _already_on(args: argparse.Namespace, setup: NodeSetup, report: dict[str, Any]) -> int:
+def _already_on(
+    args: argparse.Namespace, setup: NodeSetup, report: dict[str, Any], store: BackupStore
+) -> int:
     outcome = Outcome("unchanged", setup.distro, str(setup.target))
     outcome.notes.append(f"audit logging is already {report['state']}: nothing changed")
     outcome.notes += [f"missing: {m['request']}: {m['problem']}" for m in report["missing"]]
     outcome.notes += report["problems"]
+    kubeadm_upgrade.finish_for_upgrade(args, setup, store, outcome)
     _print_outcome(args, outcome)
     return EXIT_ON
-
-
-def _cluster_configuration(
-    args: argparse.Namespace, setup: NodeSetup, store: BackupStore, outcome: Outcome
-) -> None:
-    """kubeadm: the same settings for ``kubeadm upgrade``, in the kubeadm-config ConfigMap.
-
-    ``--cluster-config FILE``: written beside the backup for the operator to apply (offline).
-    ``--no-wait`` without it: the cluster is not asked (offline), the output says how.
-    Otherwise: through the API, once this node's API server runs with audit logging on."""
-    if setup.distro != "kubeadm" or outcome.exit_code != 0 or outcome.action == "policy-replaced":
-        return
-    if args.cluster_config is not None:
-        _cluster_configuration_file(args, store, outcome)
-    elif args.no_wait:
-        outcome.notes.append(
-            "kubeadm-config not changed (--no-wait: the cluster is not asked); kubeadm upgrade "
-            "writes the manifest again from it: run enable once more with the API server up, "
-            "or pass its ClusterConfiguration with --cluster-config"
-        )
-    else:
-        _cluster_configuration_api(args, store, outcome)
-
-
-def _cluster_configuration_file(
-    args: argparse.Namespace, store: BackupStore, outcome: Outcome
-) -> None:
-    try:
-        text = args.cluster_config.read_text(encoding="utf-8")
-    except OSError as error:
-        raise AuditSetupError(
-            f"--cluster-config {args.cluster_config}: {error.strerror}"
-        ) from error
-    edit = plan_cluster_configuration(text, str(args.cluster_config), KUBEADM_TARGET)
-    outcome.changes += [f"ClusterConfiguration: {change}" for change in edit.changes]
-    if args.dry_run:
-        return
-    written = store.slot / "cluster-configuration.yaml"
-    written.write_text(edit.text, encoding="utf-8")
-    outcome.notes.append(
-        f"the ClusterConfiguration with the audit settings is in {written}; apply it with: "
-        "kubectl -n kube-system create configmap kubeadm-config --dry-run=client -o yaml "
-        f"--from-file=ClusterConfiguration={written} | kubectl apply -f -"
-    )
-
-
-def _cluster_configuration_api(
-    args: argparse.Namespace, store: BackupStore, outcome: Outcome
-) -> None:
-    try:
-        api = kubeadm_config.connect(args.kubeconfig, args.host_root)
-        found = kubeadm_config.enable(api, store.slot, KUBEADM_TARGET, args.dry_run)
-    except AuditSetupError as error:
-        if args.dry_run:
-            outcome.notes.append(f"kubeadm-config: cannot plan its change: {error}")
-            return
-        warning = (
-            f"kubeadm-config NOT changed: {error}. kubeadm upgrade would turn audit logging "
-            "off again: run enable once more, or pass the ClusterConfiguration with "
-            "--cluster-config and apply the file it writes"
-        )
-        print(f"auditrelay audit enable: warning: {warning}", file=sys.stderr)
-        outcome.notes.append(warning)
-        return
-    outcome.changes += [f"{kubeadm_config.WHERE}: {change}" for change in found.changes]
-    if found.action == "unchanged":
-        outcome.notes.append(f"{kubeadm_config.WHERE} already has the audit settings")
-    elif found.conflicts:
-        outcome.notes.append(
-            f"{kubeadm_config.WHERE}: written after {found.conflicts} conflict(s) with "
-            "another writer"
-        )
-
-
-def _rollback_cluster_configuration(
-    args: argparse.Namespace, setup: NodeSetup, store: BackupStore
-) -> list[str]:
-    """kubeadm: restores the ConfigMap enable changed from this node, before the manifest."""
-    if setup.distro != "kubeadm" or not kubeadm_config.has_backup(store.slot):
-        return []
-    if args.dry_run:
-        return [f"would restore {kubeadm_config.WHERE}"]
-    api = kubeadm_config.connect(args.kubeconfig, args.host_root)
-    return kubeadm_config.rollback(api, store.slot, args.force).changes
 
 
 def _rollback(args: argparse.Namespace) -> int:
@@ -430,7 +345,7 @@ def _rollback(args: argparse.Namespace) -> int:
             if record is None
             else f"would restore: {[f.path for f in record.files]}"
         )
-        outcome.notes += _rollback_cluster_configuration(args, setup, store)
+        outcome.notes += kubeadm_upgrade.restore_for_upgrade(args, setup, store)
         _print_outcome(args, outcome)
         return 0
     if args.missing_ok and store.active() is None and store.rolled_back() is None:
@@ -439,7 +354,7 @@ def _rollback(args: argparse.Namespace) -> int:
         _print_outcome(args, outcome)
         return EXIT_ON
     with node_lock(store.slot.parent, args.lock_wait):
-        restored = _rollback_cluster_configuration(args, setup, store)
+        restored = kubeadm_upgrade.restore_for_upgrade(args, setup, store)
         outcome = setup.rollback(store, _wait_settings(args), args.force)
     outcome.changes[:0] = restored
     _print_outcome(args, outcome)
