@@ -212,8 +212,9 @@ def rewrite(page: Path, transcripts: dict[str, str]) -> bool:
 
     def replaced(match: re.Match[str]) -> str:
         body = transcripts.get(match["name"])
-        if body is None:
-            return match[0]
+        old = match["body"].removeprefix("```\n").removesuffix("```\n")
+        if body is None or normalized(body) == normalized(old):
+            return match[0]  # a rollback's time is no reason to rewrite a page
         return f"{match['open']}```\n{body}```\n{match['close']}"
 
     new = MARKED.sub(replaced, text)
