@@ -98,7 +98,9 @@ def _image_containers(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return found
 
 
-@pytest.mark.parametrize(("values", "settings"), DISTRIBUTIONS, ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    ("values", "settings"), DISTRIBUTIONS, ids=["kubeadm", "k3s", "rke2", "openshift"]
+)
 def test_every_program_the_chart_runs_is_in_the_image(
     render: Render, values: str, settings: dict[str, str]
 ) -> None:
