@@ -211,3 +211,48 @@ def test_an_enable_run_offline_is_finished_by_the_next_one(
     assert {"name": "audit-log-path", "value": str(KUBEADM_TARGET.log_path)} in kept
     assert 0 == main(["audit", "rollback", *at, "--no-wait"])
     assert original == _document(core)
+
+
+def test_rollback_restores_the_node_even_when_the_cluster_does_not_answer(
+    plane: ControlPlane, core: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The node's manifest comes first: with the cluster unreachable rollback restores it,
+    exits 1 naming the ConfigMap it could not restore and keeps that backup; the next
+    rollback, with the cluster answering, restores the ConfigMap."""
+    original = _create(core, "v1.30")
+    node = tmp_path / "node"
+    manifest = node / "etc/kubernetes/manifests/kube-apiserver.yaml"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_bytes((DATA / "kubeadm-v1.30" / "kube-apiserver.yaml").read_bytes())
+    reachable = ["--host-root", str(node), "--kubeconfig", str(plane.kubeconfig(ADMIN_USER))]
+    main(["audit", "enable", *reachable, "--no-wait"])
+    main(["audit", "enable", *reachable])  # the ConfigMap, through the API
+    closed_port = tmp_path / "unreachable.kubeconfig"
+    closed_port.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        "clusters: [{name: c, cluster: {server: 'https://127.0.0.1:1', "
+        "insecure-skip-tls-verify: true}}]\n"
+        "contexts: [{name: c, context: {cluster: c, user: u}}]\n"
+        "users: [{name: u, user: {token: x}}]\n"
+    )
+    capsys.readouterr()
+
+    code = main(
+        [
+            "audit",
+            "rollback",
+            "--host-root",
+            str(node),
+            "--kubeconfig",
+            str(closed_port),
+            "--no-wait",
+        ]
+    )
+    reason = capsys.readouterr().err
+
+    assert 1 == code
+    assert manifest.read_bytes() == (DATA / "kubeadm-v1.30" / "kube-apiserver.yaml").read_bytes()
+    assert "kubeadm-config not restored" in reason
+    assert original != _document(core)
+    assert 0 == main(["audit", "rollback", *reachable, "--no-wait"])
+    assert original == _document(core)

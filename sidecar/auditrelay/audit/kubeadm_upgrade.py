@@ -21,14 +21,14 @@ from pathlib import PurePosixPath
 
 from auditrelay.audit import kubeadm_config
 from auditrelay.audit.backup import BackupStore
-from auditrelay.audit.errors import AuditSetupError
+from auditrelay.audit.errors import AuditSetupError, RollbackRefusedError
 from auditrelay.audit.kubeadm import (
     KUBEADM_TARGET,
     AuditTarget,
     plan_cluster_configuration,
     read_static_pod,
 )
-from auditrelay.audit.node import NodeSetup, Outcome
+from auditrelay.audit.node import EXIT_FAILED, NodeSetup, Outcome
 
 
 def planned_target(setup: NodeSetup) -> AuditTarget:
@@ -84,15 +84,26 @@ def finish_for_upgrade(
 
 
 def restore_for_upgrade(
-    args: argparse.Namespace, setup: NodeSetup, store: BackupStore
-) -> list[str]:
-    """``rollback``: restores the ConfigMap enable changed from this node, before the manifest."""
+    args: argparse.Namespace, setup: NodeSetup, store: BackupStore, outcome: Outcome
+) -> None:
+    """``rollback``, after the node's files: restores the ConfigMap enable changed from this
+    node. When that fails (refused: changed since; the cluster does not answer; a damaged
+    backup) the node stays restored, the backup stays for the next rollback, and the run
+    exits 1 with the reason."""
     if setup.distro != "kubeadm" or not kubeadm_config.has_backup(store.slot):
-        return []
+        return
     if args.dry_run:
-        return [f"would restore {kubeadm_config.WHERE}"]
-    api = kubeadm_config.connect(args.kubeconfig, args.host_root)
-    return kubeadm_config.rollback(api, store.slot, args.force).changes
+        outcome.notes.append(f"would restore {kubeadm_config.WHERE}")
+        return
+    try:
+        api = kubeadm_config.connect(args.kubeconfig, args.host_root)
+        outcome.changes += kubeadm_config.rollback(api, store.slot, args.force).changes
+    except (AuditSetupError, RollbackRefusedError) as error:
+        outcome.reason = (
+            f"kubeadm-config not restored: {error}; its backup is kept in {store.slot}: "
+            "run rollback again"
+        )
+        outcome.exit_code = EXIT_FAILED
 
 
 def _to_file(

@@ -345,7 +345,7 @@ def _rollback(args: argparse.Namespace) -> int:
             if record is None
             else f"would restore: {[f.path for f in record.files]}"
         )
-        outcome.notes += kubeadm_upgrade.restore_for_upgrade(args, setup, store)
+        kubeadm_upgrade.restore_for_upgrade(args, setup, store, outcome)
         _print_outcome(args, outcome)
         return 0
     if args.missing_ok and store.active() is None and store.rolled_back() is None:
@@ -354,9 +354,9 @@ def _rollback(args: argparse.Namespace) -> int:
         _print_outcome(args, outcome)
         return EXIT_ON
     with node_lock(store.slot.parent, args.lock_wait):
-        restored = kubeadm_upgrade.restore_for_upgrade(args, setup, store)
+        # The node's API server first: a cluster that does not answer must not keep it broken.
         outcome = setup.rollback(store, _wait_settings(args), args.force)
-    outcome.changes[:0] = restored
+        kubeadm_upgrade.restore_for_upgrade(args, setup, store, outcome)
     _print_outcome(args, outcome)
     return outcome.exit_code
 
