@@ -21,7 +21,7 @@ from pathlib import PurePosixPath
 
 from auditrelay.audit import kubeadm_config
 from auditrelay.audit.backup import BackupStore
-from auditrelay.audit.errors import AuditSetupError, RollbackRefusedError
+from auditrelay.audit.errors import AuditSetupError
 from auditrelay.audit.kubeadm import (
     KUBEADM_TARGET,
     AuditTarget,
@@ -86,10 +86,11 @@ def finish_for_upgrade(
 def restore_for_upgrade(
     args: argparse.Namespace, setup: NodeSetup, store: BackupStore, outcome: Outcome
 ) -> None:
-    """``rollback``, after the node's files: restores the ConfigMap enable changed from this
-    node. When that fails (refused: changed since; the cluster does not answer; a damaged
-    backup) the node stays restored, the backup stays for the next rollback, and the run
-    exits 1 with the reason."""
+    """``rollback``, before the node's files (whose restore restarts the API server): restores
+    the ConfigMap enable changed from this node. Changed since enable: refused, nothing written
+    (RollbackRefusedError). The cluster does not answer, or a damaged backup: the node's files
+    are restored all the same, the ConfigMap's backup stays for the next rollback, and the run
+    exits 1 with the reason (``outcome`` is the node's, filled in afterwards)."""
     if setup.distro != "kubeadm" or not kubeadm_config.has_backup(store.slot):
         return
     if args.dry_run:
@@ -98,7 +99,7 @@ def restore_for_upgrade(
     try:
         api = kubeadm_config.connect(args.kubeconfig, args.host_root)
         outcome.changes += kubeadm_config.rollback(api, store.slot, args.force).changes
-    except (AuditSetupError, RollbackRefusedError) as error:
+    except AuditSetupError as error:
         outcome.reason = (
             f"kubeadm-config not restored: {error}; its backup is kept in {store.slot}: "
             "run rollback again"

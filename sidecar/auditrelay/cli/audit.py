@@ -354,9 +354,13 @@ def _rollback(args: argparse.Namespace) -> int:
         _print_outcome(args, outcome)
         return EXIT_ON
     with node_lock(store.slot.parent, args.lock_wait):
-        # The node's API server first: a cluster that does not answer must not keep it broken.
+        cluster = Outcome("rolled-back", setup.distro, str(setup.target))
+        kubeadm_upgrade.restore_for_upgrade(args, setup, store, cluster)
         outcome = setup.rollback(store, _wait_settings(args), args.force)
-        kubeadm_upgrade.restore_for_upgrade(args, setup, store, outcome)
+    outcome.changes[:0] = cluster.changes
+    if cluster.exit_code:  # a cluster that did not answer never keeps the node from its restore
+        outcome.reason = "; ".join(filter(None, [outcome.reason, cluster.reason]))
+        outcome.exit_code = cluster.exit_code
     _print_outcome(args, outcome)
     return outcome.exit_code
 
