@@ -53,9 +53,9 @@ def keep_for_upgrade(
     args: argparse.Namespace, setup: NodeSetup, store: BackupStore, outcome: Outcome
 ) -> None:
     """After ``enable`` turned audit logging on here: the kubeadm-config ConfigMap too."""
-    if setup.distro != "kubeadm" or outcome.exit_code != 0 or outcome.action == "policy-replaced":
+    if setup.distro != "kubeadm" or outcome.exit_code != 0:
         return
-    if outcome.action == "unchanged":
+    if outcome.action in ("policy-replaced", "unchanged"):
         return
     if args.cluster_config is not None:
         _to_file(args, setup, store, outcome)
@@ -90,7 +90,7 @@ def restore_for_upgrade(
     the ConfigMap enable changed from this node. Changed since enable: refused, nothing written
     (RollbackRefusedError). The cluster does not answer, or a damaged backup: the node's files
     are restored all the same, the ConfigMap's backup stays for the next rollback, and the run
-    exits 1 with the reason (``outcome`` is the node's, filled in afterwards)."""
+    exits 1 with the reason (set in ``outcome``, which the caller merges into the node's)."""
     if setup.distro != "kubeadm" or not kubeadm_config.has_backup(store.slot):
         return
     if args.dry_run:
