@@ -18,10 +18,17 @@ COPY pyproject.toml README.md audit_policy.yaml ./
 COPY sidecar/ sidecar/
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
-# 3. The runtime: the package and its dependencies, the plugin, a non-root user.
+# 3. The runtime: the package and its dependencies, the plugin, a non-root user, and the programs
+# the chart's containers run besides `auditrelay`: cp and install (coreutils) in the plugin and
+# state init containers, nsenter (util-linux) in the k3s/RKE2 audit-setup Job, which restarts the
+# server through the host's systemd. Debian's base has both; they are named here so that stays
+# true (tests/helm/test_chart_image_programs.py checks the chart against this list).
 FROM python:3.11-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
+RUN apt-get update \
+ && apt-get install --yes --no-install-recommends coreutils util-linux \
+ && rm -rf /var/lib/apt/lists/*
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     pip install --no-cache-dir /wheels/*.whl \
  && groupadd --gid 10001 auditrelay \

@@ -70,6 +70,14 @@ controlplane: ## Build the test control plane (kube-apiserver & co. from the pin
 testdata: controlplane ## Regenerate tests/data: a real kube-apiserver audit log and its Fluent Bit flushes
 	$(PYTHON) tests/data/regenerate.py
 
+.PHONY: demo-attacks
+demo-attacks: controlplane $(PLUGIN) ## Record the demo's attack log (sidecar/auditrelay/data/controlplane-attacks.jsonl) on the real control plane
+	$(PYTHON) tests/controlplane/record_demo_attacks.py
+
+.PHONY: transcripts
+transcripts: controlplane ## Rewrite the `auditrelay audit` transcripts in README.md, docs/audit-logging.md and docs/helm.md
+	$(PYTHON) tests/audit/transcripts.py --controlplane
+
 .PHONY: controlplane-test
 controlplane-test: controlplane ## Tests against a real kube-apiserver, controller manager and scheduler
 	$(PYTHON) -m pytest -m controlplane tests/controlplane

@@ -89,7 +89,7 @@ def node_root(binaries: Binaries, root: Path) -> Node:
     manifest.parent.mkdir(parents=True)
     manifest.write_text(_node_manifest(port, etcd_port), encoding="utf-8")
     kubeconfig = write_kubeconfig(
-        root / "admin.conf",
+        root / "etc/kubernetes/admin.conf",  # where kubeadm puts it; enable reads it from there
         server=f"https://127.0.0.1:{port}",
         ca=ca.cert_path,
         client=admin,

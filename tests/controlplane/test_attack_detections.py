@@ -157,6 +157,26 @@ def test_every_rule_fires_on_its_attack_with_the_right_entities_and_evidence(
     }
 
 
+@pytest.mark.parametrize("technique", attacks.TECHNIQUES, ids=lambda t: t.rule)
+def test_rule_fires_on_its_attack(
+    technique: attacks.Technique,
+    attack_alerts: tuple[list[StoredRow], dict[str, list[Alert]]],
+    benign_alerts: dict[str, list[Alert]],
+) -> None:
+    """One rule (the test id docs/detections.md names for it): its technique, done for real,
+    raises its alert with the expected entities and delivered auditIDs as evidence; the benign
+    day raises none of it."""
+    rows, alerts = attack_alerts
+    stored = {row.audit_id for row in rows}
+    found = alerts[technique.rule]
+
+    assert any(_matches(alert, technique.entities) for alert in found), [
+        alert.to_json()["columns"] for alert in found
+    ]
+    assert all(alert.audit_ids and set(alert.audit_ids) <= stored for alert in found)
+    assert [] == benign_alerts[technique.rule]
+
+
 def test_metadata_only_policy_blinds_exactly_the_rules_that_read_request_bodies(
     attack_alerts: tuple[list[StoredRow], dict[str, list[Alert]]],
     metadata_only_alerts: dict[str, list[Alert]],

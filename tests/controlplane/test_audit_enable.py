@@ -12,10 +12,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from auditrelay.audit.readiness import Endpoint
 from auditrelay.cli import main
+from kubernetes import client, config
 
 from controlplane.build import Binaries
 from controlplane.cluster import wait_until
@@ -46,6 +49,13 @@ def _audit(node: Node, *args: str) -> int:
     return main(["audit", *args, "--manifest", str(node.manifest), "--host-root", str(node.root)])
 
 
+def _cluster_configuration(core: Any) -> str:
+    text: str = core.read_namespaced_config_map("kubeadm-config", "kube-system").data[
+        "ClusterConfiguration"
+    ]
+    return text
+
+
 def _events(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -55,15 +65,28 @@ def test_enable_starts_auditing_and_rollback_stops_it(
     kubelet: StandInKubelet, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """enable's manifest starts kube-apiserver with the audit flags, which writes events
-    under the installed policy to the file the manifest names; rollback brings back kubeadm's
-    manifest byte for byte and an API server without them."""
+    under the installed policy to the file the manifest names, and then adds the flags to the
+    kubeadm-config ConfigMap through that API server; rollback brings back kubeadm's manifest
+    and ClusterConfiguration byte for byte and an API server without the flags."""
     node = kubelet.node
     original = node.manifest.read_bytes()
+    core = client.CoreV1Api(config.new_client_from_config(config_file=str(node.admin_kubeconfig)))
+    cluster_configuration = KUBEADM_MANIFEST.with_name("cluster-configuration.yaml").read_text()
+    core.create_namespaced_config_map(
+        "kube-system",
+        {
+            "metadata": {"name": "kubeadm-config"},
+            "data": {"ClusterConfiguration": cluster_configuration},
+        },
+    )
 
     enabled = _audit(node, "enable", "--timeout", "240")
     out = capsys.readouterr().out
 
     assert 0 == enabled, out
+    # kubeadm upgrade keeps the flags: the node's admin.conf reached the kubeadm-config ConfigMap.
+    kept = yaml.safe_load(_cluster_configuration(core))["apiServer"]["extraArgs"]
+    assert {"name": "audit-log-path", "value": AUDIT_LOG} in kept
     assert f"--audit-policy-file={node.host(POLICY)}" in kubelet.current_argv
     assert f"--audit-log-path={node.host(AUDIT_LOG)}" in kubelet.current_argv
     events = _events(node.host(AUDIT_LOG))
@@ -76,6 +99,7 @@ def test_enable_starts_auditing_and_rollback_stops_it(
 
     assert 0 == rolled_back
     assert original == node.manifest.read_bytes()
+    assert cluster_configuration == _cluster_configuration(core)
     # The kubelet restarts the pod from the restored manifest, without the audit flags.
     wait_until(lambda: len(kubelet.argvs) >= 3, timeout=60, what="the restored pod")
     assert not any(word.startswith("--audit-") for word in kubelet.current_argv)

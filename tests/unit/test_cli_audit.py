@@ -294,6 +294,53 @@ def test_cluster_configuration_is_written_beside_the_backup(
     assert str(written) in capsys.readouterr().out
 
 
+def test_no_wait_leaves_the_cluster_alone_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--no-wait (offline) never asks the cluster: no kubeadm-config backup, and the output
+    says the ConfigMap was not changed and how to get it changed (the API path is tested
+    against a real kube-apiserver in tests/controlplane/test_audit_kubeadm_config.py)."""
+    _node(tmp_path)
+
+    code = _audit("enable", "--host-root", str(tmp_path), "--no-wait")
+
+    assert 0 == code
+    assert "kubeadm-config not changed (--no-wait" in capsys.readouterr().out
+    assert not (tmp_path / BACKUP / "kubeadm" / "kubeadm-config.json").exists()
+
+
+def test_an_unreachable_cluster_is_named_not_raised(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--dry-run reads the kubeadm-config ConfigMap; a cluster that does not answer (a closed
+    port) is reported in the output, and the manifest's diff is still printed."""
+    _node(tmp_path / "node")
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        "clusters: [{name: c, cluster: {server: 'https://127.0.0.1:1', "
+        "insecure-skip-tls-verify: true}}]\n"
+        "contexts: [{name: c, context: {cluster: c, user: u}}]\n"
+        "users: [{name: u, user: {token: not-a-secret}}]\n"
+    )
+
+    code = _audit(
+        "enable",
+        "--host-root",
+        str(tmp_path / "node"),
+        "--dry-run",
+        "--kubeconfig",
+        str(kubeconfig),
+    )
+    out = capsys.readouterr().out
+
+    assert 0 == code
+    assert "+    - --audit-log-format=json" in out
+    assert "kubeadm-config: cannot plan its change: configmap kube-system/kubeadm-config: " in out
+    assert "cannot reach the API server" in out
+    assert "not-a-secret" not in out
+
+
 def test_record_names_what_changed(tmp_path: Path) -> None:
     """The backup record holds each file's original and written sha256."""
     manifest = _node(tmp_path)

@@ -51,10 +51,10 @@ def test_chunks_stay_under_the_limit() -> None:
 
 
 def test_bundled_logs_are_read_whole() -> None:
-    """The bundled real logs: 37 + 1 events, blank lines skipped."""
+    """The bundled real logs: 37 + 1 + 29 events, blank lines skipped."""
     audit_log = read_audit_logs(BUNDLED_LOGS)
 
-    assert 38 == len(audit_log.lines)
+    assert 67 == len(audit_log.lines)
 
 
 def test_an_unreadable_audit_log_names_the_file(tmp_path: Path) -> None:

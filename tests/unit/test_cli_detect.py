@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 from auditrelay.cli import main
-from auditrelay.cli.demo import BUNDLED_LOGS
+from auditrelay.cli.demo import BUNDLED_LOGS, DATA_DIR
 from auditrelay.emulator import RequestRecord, Store
 from auditrelay.model import AuditEvent
 from auditrelay.stream import STREAM_NAME, RowEncoder
 from fixtures.chunks import audit_line
 
 RULES = Path(__file__).resolve().parents[2] / "detections"
+QUIET_LOGS = ("audit2rbac-demo.jsonl", "kube-audit-log-tool-single-event.jsonl")
 ADMIN = {"username": "kubernetes-admin", "groups": ["system:masters", "system:authenticated"]}
 
 
@@ -61,10 +62,26 @@ def test_alerts_name_their_rule_and_evidence_and_exit_1(
 
 def test_quiet_logs_raise_nothing_and_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
     """The bundled audit2rbac and lease logs hold no attack: no alert, exit status 0."""
-    code = main(["detect", *map(str, BUNDLED_LOGS)])
+    code = main(["detect", *(str(DATA_DIR / name) for name in QUIET_LOGS)])
 
     assert 0 == code
     assert "\n0 alert(s) from 0 of 18 rules over 38 rows.\n" == capsys.readouterr().out
+
+
+def test_the_demos_attack_log_raises_every_rule(capsys: pytest.CaptureFixture[str]) -> None:
+    """The demo's bundled logs include a real control plane's attacks: each of the 18 rules
+    raises an alert on them, whose evidence auditIDs are events of that log."""
+    code = main(["detect", "--output", "json", *map(str, BUNDLED_LOGS)])
+    report = json.loads(capsys.readouterr().out)
+    attack_ids = {
+        json.loads(line)["auditID"]
+        for line in (DATA_DIR / "controlplane-attacks.jsonl").read_text().splitlines()
+    }
+
+    assert 1 == code
+    assert all(count >= 1 for count in report["rules"].values()), report["rules"]
+    assert 18 == len(report["rules"])
+    assert all(set(alert["auditIds"]) <= attack_ids for alert in report["alerts"])
 
 
 def test_table_output_names_rule_entities_and_evidence(

@@ -273,3 +273,33 @@ def test_both_templates_deploy_every_rule_with_its_query_unchanged() -> None:
     assert {"PT1H", f"PT{LOG_ALERT_MAX_WINDOW_HOURS}H"} == {
         resource["properties"]["windowSize"] for resource in alerts
     }
+
+
+def _doc_rows(text: str) -> dict[str, list[list[str]]]:
+    """The table rows of docs/detections.md that start with a rule's name, by rule."""
+    rows: dict[str, list[list[str]]] = {}
+    for line in text.splitlines():
+        found = re.match(r"^\| `([a-z-]+)` \|(.*)\|$", line)
+        if found:
+            rows.setdefault(found[1], []).append([c.strip() for c in found[2].split("|")])
+    return rows
+
+
+def test_the_docs_list_every_rule_with_its_alert_and_the_test_that_proves_it() -> None:
+    """docs/detections.md shows each rule twice: what it finds, and its Defender alert beside
+    the attack and test id that prove it; the test id exists and has a technique per rule."""
+    from controlplane import attacks
+
+    text = (REPO / "docs" / "detections.md").read_text(encoding="utf-8")
+    rows = _doc_rows(text)
+    proof_test = (REPO / "tests/controlplane/test_attack_detections.py").read_text()
+
+    assert {rule.slug for rule in load_rules(RULES_DIR)} == set(rows)
+    for rule in load_rules(RULES_DIR):
+        assert 2 == len(rows[rule.slug]), rule.slug
+        alert_cell = rows[rule.slug][1][0]
+        expected = list(rule.defender_alerts) or ["(none of its own)"]
+        assert all(alert in alert_cell for alert in expected), (rule.slug, alert_cell)
+    assert "test_rule_fires_on_its_attack[" in text
+    assert "def test_rule_fires_on_its_attack(" in proof_test
+    assert set(rows) == {technique.rule for technique in attacks.TECHNIQUES}

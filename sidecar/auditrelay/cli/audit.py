@@ -20,15 +20,11 @@ from typing import Any, Final
 
 import orjson
 
-from auditrelay.audit import openshift, rancher
+from auditrelay.audit import kubeadm_upgrade, openshift, rancher
 from auditrelay.audit.backup import DEFAULT_BACKUP_DIR, BackupStore
 from auditrelay.audit.errors import AuditSetupError, RollbackRefusedError
 from auditrelay.audit.files import node_lock
-from auditrelay.audit.kubeadm import (
-    DEFAULT_MANIFEST,
-    KUBEADM_TARGET,
-    plan_cluster_configuration,
-)
+from auditrelay.audit.kubeadm import DEFAULT_MANIFEST
 from auditrelay.audit.node import NodeSetup, Outcome, WaitSettings
 from auditrelay.audit.status import assess
 from auditrelay.cli import EXIT_BAD_INPUT, EXIT_FINDING, EXIT_OK, add_output_option
@@ -83,8 +79,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     enable.add_argument(
         "--cluster-config",
         type=Path,
-        help="kubeadm: the ClusterConfiguration of the kubeadm-config ConfigMap; the same "
-        "settings are written beside the backup for you to apply, so kubeadm upgrade keeps them",
+        help="kubeadm, offline: the ClusterConfiguration of the kubeadm-config ConfigMap; the "
+        "same settings are written beside the backup for you to apply, so kubeadm upgrade keeps "
+        "them (without it, enable changes the ConfigMap through the API unless --no-wait)",
     )
     rollback.add_argument(
         "--force", action="store_true", help="restore even if the file changed since enable"
@@ -117,7 +114,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         default=BUNDLED_POLICY,
         help="the required audit policy, installed by enable (default: the bundled one)",
     )
-    parser.add_argument("--kubeconfig", type=Path, help="OpenShift: the cluster to change")
+    parser.add_argument(
+        "--kubeconfig",
+        type=Path,
+        help="OpenShift: the cluster to change; kubeadm: for the kubeadm-config ConfigMap "
+        "(default: the node's /etc/kubernetes/admin.conf under --host-root, else the pod's "
+        "service account)",
+    )
     add_output_option(parser)
 
 
@@ -305,53 +308,26 @@ def _enable(args: argparse.Namespace) -> int:
         report = assess(setup, args.policy)
         replace = args.replace_policy or report.get("rke2PolicyMissing", False)
         if report["state"] != "off" and not replace:
-            return _already_on(args, setup, report)
+            return _already_on(args, setup, report, store)
         if report["state"] != "off":
             outcome = setup.replace_policy(store, policy, _wait_settings(args), args.dry_run)
         else:
             outcome = setup.enable(store, policy, _wait_settings(args), args.dry_run)
-        _cluster_configuration(args, setup, store, outcome)
+        kubeadm_upgrade.keep_for_upgrade(args, setup, store, outcome)
     _print_outcome(args, outcome)
     return outcome.exit_code
 
 
-def _already_on(args: argparse.Namespace, setup: NodeSetup, report: dict[str, Any]) -> int:
+def _already_on(
+    args: argparse.Namespace, setup: NodeSetup, report: dict[str, Any], store: BackupStore
+) -> int:
     outcome = Outcome("unchanged", setup.distro, str(setup.target))
     outcome.notes.append(f"audit logging is already {report['state']}: nothing changed")
     outcome.notes += [f"missing: {m['request']}: {m['problem']}" for m in report["missing"]]
     outcome.notes += report["problems"]
+    kubeadm_upgrade.finish_for_upgrade(args, setup, store, outcome)
     _print_outcome(args, outcome)
     return EXIT_ON
-
-
-def _cluster_configuration(
-    args: argparse.Namespace, setup: NodeSetup, store: BackupStore, outcome: Outcome
-) -> None:
-    if setup.distro != "kubeadm" or outcome.exit_code != 0 or outcome.action == "policy-replaced":
-        return
-    if args.cluster_config is None:
-        outcome.notes.append(
-            "kubeadm upgrade regenerates the manifest from the kubeadm-config ConfigMap: pass "
-            "its ClusterConfiguration with --cluster-config to get the same settings for it"
-        )
-        return
-    try:
-        text = args.cluster_config.read_text(encoding="utf-8")
-    except OSError as error:
-        raise AuditSetupError(
-            f"--cluster-config {args.cluster_config}: {error.strerror}"
-        ) from error
-    edit = plan_cluster_configuration(text, str(args.cluster_config), KUBEADM_TARGET)
-    outcome.changes += [f"ClusterConfiguration: {change}" for change in edit.changes]
-    if args.dry_run:
-        return
-    written = store.slot / "cluster-configuration.yaml"
-    written.write_text(edit.text, encoding="utf-8")
-    outcome.notes.append(
-        f"the ClusterConfiguration with the audit settings is in {written}; apply it with: "
-        "kubectl -n kube-system create configmap kubeadm-config --dry-run=client -o yaml "
-        f"--from-file=ClusterConfiguration={written} | kubectl apply -f -"
-    )
 
 
 def _rollback(args: argparse.Namespace) -> int:
@@ -367,6 +343,7 @@ def _rollback(args: argparse.Namespace) -> int:
             if record is None
             else f"would restore: {[f.path for f in record.files]}"
         )
+        kubeadm_upgrade.restore_for_upgrade(args, setup, store, outcome)
         _print_outcome(args, outcome)
         return 0
     if args.missing_ok and store.active() is None and store.rolled_back() is None:
@@ -375,7 +352,13 @@ def _rollback(args: argparse.Namespace) -> int:
         _print_outcome(args, outcome)
         return EXIT_ON
     with node_lock(store.slot.parent, args.lock_wait):
+        cluster = Outcome("rolled-back", setup.distro, str(setup.target))
+        kubeadm_upgrade.restore_for_upgrade(args, setup, store, cluster)
         outcome = setup.rollback(store, _wait_settings(args), args.force)
+    outcome.changes[:0] = cluster.changes
+    if cluster.exit_code:  # a cluster that did not answer never keeps the node from its restore
+        outcome.reason = "; ".join(filter(None, [outcome.reason, cluster.reason]))
+        outcome.exit_code = cluster.exit_code
     _print_outcome(args, outcome)
     return outcome.exit_code
 

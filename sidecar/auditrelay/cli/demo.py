@@ -42,6 +42,7 @@ DATA_DIR: Final = Path(__file__).resolve().parents[1] / "data"
 BUNDLED_LOGS: Final = (
     DATA_DIR / "audit2rbac-demo.jsonl",
     DATA_DIR / "kube-audit-log-tool-single-event.jsonl",
+    DATA_DIR / "controlplane-attacks.jsonl",  # so the demo shows alerts (data/SOURCES.md)
 )
 TAG: Final = "kube.audit"
 CHUNK_BYTES: Final = 2 << 20  # Fluent Bit's chunks are about 2 MiB at most
