@@ -480,6 +480,28 @@ def test_existing_configmap_replaces_the_chart_configuration(render: Render) -> 
     assert "my-fluent-bit" == rendered.volume("config")["configMap"]["name"]
 
 
+def test_hot_reload_before_fluent_bit_5_runs_without_the_health_check(render: Render) -> None:
+    """Fluent Bit before 5.0 corrupts its heap on a reload with Health_Check on, so with
+    hotReload.enabled on such an image the chart renders Health_Check Off and points the readiness
+    probe at /api/v1/uptime (/api/v1/health exists only with the check), refuses a config.service
+    that turns the check on, and says why; on 5.0+ images and without hot reload the check stays."""
+    reloading = render(ci_file("rke2-values"))
+    assert "Off" == reloading.section("SERVICE")["health_check"]
+    probe = reloading.container("fluent-bit")["readinessProbe"]["httpGet"]
+    assert "/api/v1/uptime" == probe["path"]
+    for values, overrides in [
+        ("rke2-values", {"image.tag": "5.1.1"}),
+        ("default-values", {}),
+    ]:
+        rendered = render(ci_file(values), set_values=overrides)
+        assert "On" == rendered.section("SERVICE")["health_check"]
+        probe = rendered.container("fluent-bit")["readinessProbe"]["httpGet"]
+        assert "/api/v1/health" == probe["path"]
+    own_service = "[SERVICE]\n    HTTP_Server On\n    Health_Check On\n"
+    with pytest.raises(RenderError, match=r"needs Health_Check Off .*mk_vhost_destroy"):
+        render(ci_file("rke2-values"), set_values={"config.service": own_service})
+
+
 def test_hot_reload_is_refused_with_a_worker_pool(render: Render) -> None:
     """Fluent Bit crashes on a hot reload when a Go plugin has workers, so the chart refuses
     hotReload.enabled unless every auditrelay output has Workers 0, and says why; with workers 0
