@@ -48,6 +48,8 @@ class FluentBitRun:
     stored_rows: int = 0
     fluent_bit_errors: int = 0
     storage_read_errors: int = 0
+    # The first error lines with the line before and after each, for the run's JSON record.
+    error_context: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def events_per_second(self) -> float:
@@ -105,9 +107,11 @@ def _set(section: str, key: str, value: str) -> str:
 def count_errors(result: FluentBitRun, log: Path) -> None:
     """Counts Fluent Bit's ``[error]`` lines, and among them chunkio's storage read errors."""
     lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
-    errors = [line for line in lines if "[error]" in line]
-    result.fluent_bit_errors = len(errors)
-    result.storage_read_errors = sum(STORAGE_READ_ERROR in line for line in errors)
+    at = [number for number, line in enumerate(lines) if "[error]" in line]
+    result.fluent_bit_errors = len(at)
+    result.storage_read_errors = sum(STORAGE_READ_ERROR in lines[number] for number in at)
+    for number in at[:5]:
+        result.error_context += lines[max(0, number - 1) : number + 2]
 
 
 @contextlib.contextmanager
