@@ -27,6 +27,8 @@ from bench.results import Stopwatch, process_cpu_seconds
 
 SHIPPED_CONFIG = REPO / "fluent-bit" / "conf" / "fluent-bit.conf"
 TAG = "kube.audit"
+# chunkio's line for a filesystem chunk read while it is down (docs/plugin.md, Fluent Bit 5.1.1).
+STORAGE_READ_ERROR = "[storage] cannot mmap/read chunk"
 
 
 @dataclasses.dataclass
@@ -43,6 +45,10 @@ class FluentBitRun:
     emulator_cpu_s: float = 0.0
     expected_rows: int = 0
     stored_rows: int = 0
+    fluent_bit_errors: int = 0
+    storage_read_errors: int = 0
+    # The first error lines with the line before and after each, for the run's JSON record.
+    error_context: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def events_per_second(self) -> float:
@@ -95,6 +101,16 @@ def _set(section: str, key: str, value: str) -> str:
     if pattern.search(section):
         return pattern.sub(lambda m: f"{m.group(1)}{key} {value}", section, count=1)
     return section.rstrip("\n") + f"\n    {key} {value}\n"
+
+
+def count_errors(result: FluentBitRun, log: Path) -> None:
+    """Counts Fluent Bit's ``[error]`` lines, and among them chunkio's storage read errors."""
+    lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    at = [number for number, line in enumerate(lines) if "[error]" in line]
+    result.fluent_bit_errors = len(at)
+    result.storage_read_errors = sum(STORAGE_READ_ERROR in lines[number] for number in at)
+    for number in at[:5]:
+        result.error_context += lines[max(0, number - 1) : number + 2]
 
 
 @contextlib.contextmanager
@@ -150,6 +166,7 @@ def run_null(
             _wait(lambda: null_records(port) >= events, process, deadline_s, "every line")
         result.fluent_bit_cpu_s = process_cpu_seconds(process.pid)
         result.fluent_bit_peak_rss = peak_rss(process.pid)
+    count_errors(result, state / "fluent-bit.log")
     return result
 
 
@@ -211,4 +228,5 @@ def run_auditrelay(
             result.sidecar_peak_rss = peak_rss(sidecar_pid)
             result.emulator_cpu_s = process_cpu_seconds(emulator.process.pid) - emulator_before
         result.stored_rows = emulator.count()
+    count_errors(result, state / "fluent-bit.log")
     return result

@@ -721,6 +721,9 @@ def run_fluent_bit(args: argparse.Namespace, result: Result) -> None:
         result.add(f"{name}: emulator CPU", relay.emulator_cpu_s, "s")
         result.add(f"{name}: rows stored / kept", relay.stored_rows, "rows",
                    note=f"kept by the policy: {relay.expected_rows}")  # fmt: skip
+        result.add(f"{name}: Fluent Bit [error] lines", relay.fluent_bit_errors, "lines",
+                   note=f"{relay.storage_read_errors} of them '{fluentbit.STORAGE_READ_ERROR}'; "
+                   f"tail -> null: {null.fluent_bit_errors}")  # fmt: skip
 
 
 def suite_options(parser: argparse.ArgumentParser) -> None:

@@ -40,7 +40,7 @@ class EmbeddedEmulator:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self._emulator: EmulatorProcess | None = None
-        self._lock = asyncio.Lock()
+        self._starting: asyncio.Task[EmulatorProcess] | None = None
         self._secret = secrets.token_urlsafe(24)
 
     @property
@@ -49,13 +49,26 @@ class EmbeddedEmulator:
         return self._emulator
 
     async def ensure_started(self) -> EmulatorProcess:
-        """The running emulator, started on the first call."""
-        async with self._lock:
-            if self._emulator is None:
-                emulator = EmulatorProcess(self.state_dir)
-                await emulator.start()
-                self._emulator = emulator
+        """The running emulator, started on the first call.
+
+        The start runs in a task of its own, shielded from the caller: a ``Configure`` cancelled
+        at the plugin's deadline (a child slow to start on a busy node) must not abort it, or
+        each retry would start another child and none would finish. Later callers wait for the
+        same start; after a failed one, the next call starts again.
+        """
+        if self._emulator is not None:
             return self._emulator
+        starting = self._starting
+        if starting is None or (starting.done() and _failed(starting)):
+            starting = asyncio.get_running_loop().create_task(self._start())
+            self._starting = starting
+        return await asyncio.shield(starting)
+
+    async def _start(self) -> EmulatorProcess:
+        emulator = EmulatorProcess(self.state_dir)
+        await emulator.start()
+        self._emulator = emulator
+        return emulator
 
     async def sink_for(
         self,
@@ -95,7 +108,14 @@ class EmbeddedEmulator:
         )
 
     async def stop(self) -> None:
-        """Stops the emulator if it runs."""
+        """Stops the emulator if it runs, waiting for a start under way first."""
+        starting, self._starting = self._starting, None
+        if starting is not None:
+            await asyncio.gather(starting, return_exceptions=True)
         if self._emulator is not None:
             await self._emulator.stop()
             self._emulator = None
+
+
+def _failed(task: asyncio.Task[EmulatorProcess]) -> bool:
+    return task.cancelled() or task.exception() is not None

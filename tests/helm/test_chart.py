@@ -312,13 +312,14 @@ def test_probes_watch_both_containers(render: Render, ci_values: Path) -> None:
         sidecar["readinessProbe"]["httpGet"]["port"],
     )
     service = rendered.section("SERVICE")
-    assert (str(ports["http"]), "0.0.0.0", "On", "On") == (
+    assert (str(ports["http"]), "0.0.0.0", "On") == (
         service["http_port"],
         service["http_listen"],
         service["http_server"],
-        service["health_check"],
     )
-    assert "/api/v1/health" == fluent_bit["readinessProbe"]["httpGet"]["path"]
+    # The health endpoint exists only with Health_Check On (off for hot reload before 5.0).
+    health_path = {"On": "/api/v1/health", "Off": "/api/v1/uptime"}[service["health_check"]]
+    assert health_path == fluent_bit["readinessProbe"]["httpGet"]["path"]
     assert "http" == fluent_bit["livenessProbe"]["httpGet"]["port"]
 
 
@@ -478,6 +479,28 @@ def test_existing_configmap_replaces_the_chart_configuration(render: Render) -> 
     rendered = render(ci_file("default-values"), set_values={"existingConfigMap": "my-fluent-bit"})
     assert [] == rendered.all("ConfigMap")
     assert "my-fluent-bit" == rendered.volume("config")["configMap"]["name"]
+
+
+def test_hot_reload_before_fluent_bit_5_runs_without_the_health_check(render: Render) -> None:
+    """Fluent Bit before 5.0 corrupts its heap on a reload with Health_Check on, so with
+    hotReload.enabled on such an image the chart renders Health_Check Off and points the readiness
+    probe at /api/v1/uptime (/api/v1/health exists only with the check), refuses a config.service
+    that turns the check on, and says why; on 5.0+ images and without hot reload the check stays."""
+    reloading = render(ci_file("rke2-values"))
+    assert "Off" == reloading.section("SERVICE")["health_check"]
+    probe = reloading.container("fluent-bit")["readinessProbe"]["httpGet"]
+    assert "/api/v1/uptime" == probe["path"]
+    for values, overrides in [
+        ("rke2-values", {"image.tag": "5.1.1"}),
+        ("default-values", {}),
+    ]:
+        rendered = render(ci_file(values), set_values=overrides)
+        assert "On" == rendered.section("SERVICE")["health_check"]
+        probe = rendered.container("fluent-bit")["readinessProbe"]["httpGet"]
+        assert "/api/v1/health" == probe["path"]
+    own_service = "[SERVICE]\n    HTTP_Server On\n    Health_Check On\n"
+    with pytest.raises(RenderError, match=r"needs Health_Check Off .*mk_vhost_destroy"):
+        render(ci_file("rke2-values"), set_values={"config.service": own_service})
 
 
 def test_hot_reload_is_refused_with_a_worker_pool(render: Render) -> None:

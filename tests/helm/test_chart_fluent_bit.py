@@ -168,6 +168,15 @@ def events_accepted(sidecar: Sidecar) -> int:
     return sum(int(event["events_accepted"]) for event in sidecar.events("chunk_accepted"))
 
 
+def accepted_exactly(sidecar: Sidecar, count: int) -> bool:
+    return events_accepted(sidecar) == count
+
+
+def reloads_logged(fluent_bit: ChartFluentBit, count: int) -> bool:
+    """Fluent Bit has logged exactly `count` successful reloads."""
+    return fluent_bit.log_text().count("[reload] successful reload done") == count
+
+
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     """A short directory: a Unix socket path must stay under 108 bytes."""
@@ -231,22 +240,40 @@ def test_rendered_configuration_ships_audit_events_and_answers_the_probes(
 def test_hot_reload_values_reload_through_the_reloaders_url(
     render: Render, workdir: Path, sidecar: Sidecar
 ) -> None:
-    """With hotReload.enabled, Fluent Bit runs with the container's --enable-hot-reload, and the
-    POST the reloader sends to /api/v2/reload reloads it; events keep flowing afterwards."""
+    """With hotReload.enabled, Fluent Bit runs with the container's --enable-hot-reload, and each
+    POST the reloader sends to /api/v2/reload reloads it (five in a row, with the settings the
+    chart renders for its image: Workers 0, and Health_Check Off before Fluent Bit 5.0); events
+    keep flowing and the probes answer after every reload."""
+    reloads = 5
+    rendered = render(ci_file("rke2-values"))
+    container = rendered.container("fluent-bit")
+    probe_paths = [
+        container[probe]["httpGet"]["path"] for probe in ("livenessProbe", "readinessProbe")
+    ]
     with chart_fluent_bit(render, ci_file("rke2-values"), workdir, sidecar) as fluent_bit:
         assert "--enable-hot-reload" in fluent_bit.args
         fluent_bit.append_events(10)
         fluent_bit.start()
         wait_for(lambda: events_accepted(sidecar) == 10, "10 events accepted", fluent_bit.logs)
-        assert 200 == http_status(fluent_bit.url("/api/v2/reload"), method="POST")
-        wait_for(
-            lambda: "[reload] successful reload done" in fluent_bit.log_text(),
-            "a successful reload",
-            fluent_bit.logs,
-        )
-        fluent_bit.append_events(10)
-        wait_for(lambda: events_accepted(sidecar) == 20, "20 events accepted", fluent_bit.logs)
+        for done in range(1, reloads + 1):
+            assert 200 == http_status(fluent_bit.url("/api/v2/reload"), method="POST")
+            wait_for(
+                functools.partial(reloads_logged, fluent_bit, done),
+                f"reload {done} of {reloads}",
+                fluent_bit.logs,
+            )
+            fluent_bit.append_events(10)
+            wanted = 10 * (done + 1)
+            wait_for(
+                functools.partial(accepted_exactly, sidecar, wanted),
+                f"{wanted} events accepted",
+                fluent_bit.logs,
+            )
+            for path in probe_paths:
+                url = fluent_bit.url(path)
+                wait_for(functools.partial(answers_ok, url), f"200 from {path}", fluent_bit.logs)
         assert 0 == fluent_bit.stop()
+        assert "[error]" not in fluent_bit.log_text()
 
 
 # --- Pattern B: the fluent-bit chart's own values, from docs/helm.md -----------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from auditrelay.embedded import EmbeddedEmulator
 from auditrelay.emulator_process import EmulatorProcess
 
 SIDECAR = Path(__file__).resolve().parents[2] / "sidecar"
@@ -39,6 +41,39 @@ async def test_the_emulator_runs_in_its_own_process(tmp_path: Path) -> None:
         await emulator.stop()
 
     assert not _alive(pid)
+
+
+def _emulator_children() -> list[int]:
+    """Live child processes of this one that run the emulator."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().split(")")[-1].split()
+            command = (stat.parent / "cmdline").read_bytes()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z" and b"emulator" in command:
+            children.append(int(stat.parent.name))
+    return children
+
+
+async def test_a_cancelled_caller_leaves_the_start_to_the_next_one(tmp_path: Path) -> None:
+    """serve starts the emulator on the first Configure of a pipeline without an endpoint. A
+    Configure cancelled at the plugin's deadline while the child starts does not abort the
+    start: the next call gets that same child, and no second one is started."""
+    embedded = EmbeddedEmulator(tmp_path / "emulator")
+    first = asyncio.ensure_future(embedded.ensure_started())
+    await asyncio.sleep(0.05)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    try:
+        emulator = await embedded.ensure_started()
+        assert emulator is await embedded.ensure_started()
+        assert [emulator.pid] == _emulator_children()
+    finally:
+        await embedded.stop()
+    assert [] == _emulator_children()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")

@@ -157,7 +157,8 @@ A custom config.outputs includes it too: {{ include "auditrelay.outputProperties
 {{- end }}
 
 {{/* Refuses hotReload.enabled with a worker pool on an auditrelay output: Fluent Bit starts a Go
-plugin's pool twice, and after a reload the orphaned pool's timer reads the freed instance. */}}
+plugin's pool twice, and after a reload the orphaned pool's timer reads the freed instance. Before
+Fluent Bit 5.0 it also refuses it with Health_Check on ("auditrelay.reloadWithoutHealthCheck"). */}}
 {{- define "auditrelay.checkHotReload" -}}
 {{- if .Values.hotReload.enabled }}
 {{- range regexFindAll "(?is)\\[OUTPUT\\][^\\[]*" (include "auditrelay.fluentBitConf" .) -1 }}
@@ -165,7 +166,37 @@ plugin's pool twice, and after a reload the orphaned pool's timer reads the free
 {{- fail "hotReload.enabled needs Workers 0 on every auditrelay output (set workers: 0): Fluent Bit (seen on v4.2.8 and v5.1.1) starts a Go plugin's worker pool twice and crashes (SIGSEGV) on the second or third reload. Or keep hotReload.enabled=false: a changed configuration then rolls the pods. See docs/plugin.md" }}
 {{- end }}
 {{- end }}
+{{- if and (include "auditrelay.reloadWithoutHealthCheck" .) (regexMatch "(?im)^\\s*health_check\\s+(on|true|yes)\\s*$" (include "auditrelay.fluentBitConf" .)) }}
+{{- fail (printf "hotReload.enabled with image.tag %v needs Health_Check Off in config.service: Fluent Bit before 5.0 frees its health-check counter while its HTTP server thread may still write to it, and a reload then corrupts the heap (SIGSEGV in mk_vhost_destroy, seen on v4.2.8). Set Health_Check Off (the default config.service renders it so), an image of Fluent Bit 5.0 or newer, or hotReload.enabled=false. See docs/plugin.md" .Values.image.tag) }}
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when Fluent Bit's health check must stay off: hot reload on an image before 5.0. Fluent
+Bit 4.x frees its health counter before it stops its HTTP server's thread, which may still write
+to it; a reload then corrupts the heap (SIGSEGV in mk_vhost_destroy, seen on 4.2.8). A tag that
+is not a version counts as before 5.0. */}}
+{{- define "auditrelay.reloadWithoutHealthCheck" -}}
+{{- $tag := toString .Values.image.tag }}
+{{- $v5 := and (regexMatch "^v?[0-9]+\\.[0-9]+\\.[0-9]+" $tag) (semverCompare ">=5.0.0-0" (regexFind "^v?[0-9]+\\.[0-9]+\\.[0-9]+" $tag)) }}
+{{- if and .Values.hotReload.enabled (not $v5) }}true{{ end }}
+{{- end }}
+
+{{/* Health_Check of [SERVICE]: On, but Off when a hot reload would crash with it. */}}
+{{- define "auditrelay.healthCheck" -}}
+{{- if include "auditrelay.reloadWithoutHealthCheck" . }}Off{{ else }}On{{ end }}
+{{- end }}
+
+{{/* The readiness probe: /api/v1/health exists only with Health_Check On, so without it the probe
+asks /api/v1/uptime (Fluent Bit answers, its engine runs). */}}
+{{- define "auditrelay.readinessProbe" -}}
+{{- $probe := deepCopy .Values.readinessProbe }}
+{{- if and (include "auditrelay.reloadWithoutHealthCheck" .) $probe.httpGet }}
+{{- if eq (toString $probe.httpGet.path) "/api/v1/health" }}
+{{- $_ := set $probe.httpGet "path" "/api/v1/uptime" }}
+{{- end }}
+{{- end }}
+{{- toYaml $probe }}
 {{- end }}
 
 {{/* The data of the configuration ConfigMap: fluent-bit.conf, custom_parsers.conf, config.extraFiles. */}}

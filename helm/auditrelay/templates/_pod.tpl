@@ -108,9 +108,9 @@ containers:
     livenessProbe:
       {{- toYaml . | nindent 6 }}
     {{- end }}
-    {{- with .Values.readinessProbe }}
+    {{- if .Values.readinessProbe }}
     readinessProbe:
-      {{- toYaml . | nindent 6 }}
+      {{- include "auditrelay.readinessProbe" . | nindent 6 }}
     {{- end }}
     {{- with .Values.resources }}
     resources:
