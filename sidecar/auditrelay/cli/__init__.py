@@ -9,6 +9,7 @@ interrupted) and ``--output text|json`` for every command that prints results.
 from __future__ import annotations
 
 import argparse
+import gzip
 import importlib
 import json
 import pkgutil
@@ -50,6 +51,18 @@ def emulator_store(flag: str, state_dir: Path) -> Store:
         expected = f"an emulator's state directory, holding {store.path.name} (no store there)"
         raise ConfigError([PropertyProblem(flag, str(state_dir), expected)])
     return store
+
+
+def read_audit_log(flag: str, path: Path) -> bytes:
+    """The bytes of one audit log file, decompressed when it ends in ``.gz``; bad input naming
+    ``flag`` when it cannot be read."""
+    try:
+        data = path.read_bytes()
+        return gzip.decompress(data) if path.suffix == ".gz" else data
+    except (OSError, gzip.BadGzipFile, EOFError) as error:
+        raise ConfigError(
+            [PropertyProblem(flag, str(path), f"a readable audit log ({error})")]
+        ) from error
 
 
 def missing_action(command: str, actions: Mapping[str, object]) -> int:

@@ -15,7 +15,6 @@ in ``--state-dir`` for ``auditrelay emulator rows --state-dir DIR/sidecar/emulat
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from typing import Final
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from auditrelay.cli import EXIT_FINDING, EXIT_OK, add_output_option, print_json
+from auditrelay.cli import EXIT_FINDING, EXIT_OK, add_output_option, print_json, read_audit_log
 from auditrelay.config import parse_duration
 from auditrelay.detections import BUNDLED_RULES, load_rules
 from auditrelay.devtools.flbproxy import PLUGIN_PATH, GoProxy, InitError, Level, Result
@@ -117,14 +116,7 @@ def read_audit_logs(paths: Sequence[Path]) -> AuditLog:
     """Every non-empty line of the files, in order; ``.gz`` files are decompressed."""
     lines: list[bytes] = []
     for path in paths:
-        try:
-            data = path.read_bytes()
-            if path.suffix == ".gz":
-                data = gzip.decompress(data)
-        except (OSError, gzip.BadGzipFile, EOFError) as error:
-            raise ConfigError(
-                [PropertyProblem("--audit-log", str(path), f"a readable audit log ({error})")]
-            ) from error
+        data = read_audit_log("--audit-log", path)
         lines += [line for line in data.splitlines() if line.strip()]
     return AuditLog(tuple(paths), tuple(lines))
 

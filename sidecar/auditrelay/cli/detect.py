@@ -14,7 +14,6 @@ audit event: named on stderr).
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -28,6 +27,7 @@ from auditrelay.cli import (
     add_output_option,
     emulator_store,
     plain,
+    read_audit_log,
 )
 from auditrelay.detections import BUNDLED_RULES, Rule, load_rules
 from auditrelay.errors import AuditRelayError, ConfigError, PropertyProblem
@@ -74,14 +74,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def audit_log_lines(paths: Sequence[Path]) -> Iterator[tuple[str, bytes]]:
     """``("FILE:LINE", line)`` for every non-empty line; ``.gz`` files are decompressed."""
     for path in paths:
-        try:
-            data = path.read_bytes()
-            if path.suffix == ".gz":
-                data = gzip.decompress(data)
-        except (OSError, gzip.BadGzipFile, EOFError) as error:
-            raise ConfigError(
-                [PropertyProblem("AUDIT_LOG", str(path), f"a readable audit log ({error})")]
-            ) from error
+        data = read_audit_log("AUDIT_LOG", path)
         for number, line in enumerate(data.splitlines(), start=1):
             if line.strip():
                 yield f"{path}:{number}", line
