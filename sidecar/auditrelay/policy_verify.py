@@ -234,19 +234,14 @@ def _request_for(rule: PolicyRule) -> RequestAttributes:
                 verb = "update"
     elif not rule.namespaces:
         group = "example.com"
-    if not name and not (verb == "create" and not subresource) and verb not in NAMELESS_VERBS:
-        name = "probe"
-    namespace = rule.namespaces[0] if rule.namespaces else "default"
-    return RequestAttributes(
-        user=user,
-        groups=groups,
-        verb=verb,
-        namespace=namespace,
-        api_group=group,
-        resource=resource,
+    return _resource(
+        verb,
+        resource,
+        group=group,
+        namespace=rule.namespaces[0] if rule.namespaces else "default",
         subresource=subresource,
         name=name,
-        resource_request=True,
+        who=(user, groups),
     )
 
 
