@@ -141,16 +141,6 @@ def _file_full(root: str, _: str) -> tuple[Step, ...]:
     )
 
 
-def _rke2_cis(root: str, _: str) -> tuple[Step, ...]:
-    at = ("--host-root", root)
-    return (
-        Step(("status", *at)),
-        Step(("enable", *at, "--no-wait"), short=True),
-        Step(("status", *at)),
-        Step(("rollback", *at, "--no-wait")),
-    )
-
-
 def _file_short(root: str, _: str) -> tuple[Step, ...]:
     at = ("--host-root", root)
     return (
@@ -190,7 +180,7 @@ def host_transcript(kind: str) -> str:
 OFFLINE: dict[str, Callable[[], str]] = {
     "kubeadm": lambda: file_transcript("kubeadm", _kubeadm_full),
     "k3s": lambda: file_transcript("k3s", _file_full),
-    "rke2-cis": lambda: file_transcript("rke2-cis", _rke2_cis),
+    "rke2-cis": lambda: file_transcript("rke2-cis", _file_short),
     "rke2": lambda: file_transcript("rke2", _file_full),
     "short-kubeadm": lambda: file_transcript("kubeadm", _file_short),
     "short-k3s": lambda: file_transcript("k3s", _file_short),
