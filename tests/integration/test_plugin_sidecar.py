@@ -93,6 +93,23 @@ def section(sidecar: Sidecar, **properties: str) -> dict[str, str]:
     return {"sidecar_address": sidecar.address, "sidecar_wait": "20s", **properties}
 
 
+def undelivering_section(sidecar: Sidecar, **properties: str) -> dict[str, str]:
+    """A section whose workspace and Entra endpoints are unreachable: nothing is delivered, so
+    the spool keeps (and shows) everything stored."""
+    unreachable = "https://127.0.0.1:1"
+    return section(
+        sidecar,
+        endpoint=unreachable,
+        dcr_id="dcr-" + "0" * 32,
+        auth="client_secret",
+        authority_host=unreachable,
+        tenant_id="tenant",
+        client_id="client",
+        client_secret="not-a-real-secret",
+        **properties,
+    )
+
+
 def pipeline_of(proxy: GoProxy, instance: Instance) -> str:
     """The pipeline id the plugin logged when it connected."""
     prefix = f"[output:auditrelay:auditrelay.{instance.number}] connected to the sidecar at "
@@ -216,20 +233,7 @@ def test_a_chunk_arrives_byte_for_byte(proxy: GoProxy, sidecar: Sidecar) -> None
 
 def test_spool_full_is_a_retry(proxy: GoProxy, sidecar: Sidecar) -> None:
     """RETRY_LATER (the pipeline cannot take more) maps to FLB_RETRY: Fluent Bit keeps the chunk."""
-    unreachable = "https://127.0.0.1:1"  # nothing is delivered, so the spool stays full
-    instance = proxy.init(
-        section(
-            sidecar,
-            spool_limit="1k",
-            endpoint=unreachable,
-            dcr_id="dcr-" + "0" * 32,
-            auth="client_secret",
-            authority_host=unreachable,
-            tenant_id="tenant",
-            client_id="client",
-            client_secret="not-a-real-secret",
-        )
-    )
+    instance = proxy.init(undelivering_section(sidecar, spool_limit="1k"))
     # An empty spool takes one chunk over its limit (else that chunk would be refused forever);
     # the next one has to wait. (The same chunk again would be OK: its rows are stored.)
     assert Result.OK == proxy.flush(instance, tail_chunk(TAIL_CHUNK_PARSED), TAG)
@@ -244,19 +248,7 @@ def test_spool_full_is_a_retry(proxy: GoProxy, sidecar: Sidecar) -> None:
 def test_a_chunk_sent_again_is_stored_once(proxy: GoProxy, sidecar: Sidecar) -> None:
     """Fluent Bit sends a chunk again when it never got the answer (the sidecar was killed
     after storing it): the same bytes under the same tag are answered OK and not stored twice."""
-    unreachable = "https://127.0.0.1:1"  # nothing is delivered: the spool shows what is stored
-    instance = proxy.init(
-        section(
-            sidecar,
-            endpoint=unreachable,
-            dcr_id="dcr-" + "0" * 32,
-            auth="client_secret",
-            authority_host=unreachable,
-            tenant_id="tenant",
-            client_id="client",
-            client_secret="not-a-real-secret",
-        )
-    )
+    instance = proxy.init(undelivering_section(sidecar))
     chunk = tail_chunk(TAIL_CHUNK_PARSED)
     assert Result.OK == proxy.flush(instance, chunk, TAG)
     [spool] = [path for path in (sidecar.state_dir / "spool").iterdir() if path.is_dir()]
