@@ -11,6 +11,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import orjson
@@ -86,10 +87,10 @@ def stored_rows(store: Store, count: int) -> list[StoredRow]:
     return store.rows()
 
 
-def deliver(lines: list[bytes], policy: Path, cluster_name: str) -> list[StoredRow]:
-    """Sends the lines through plugin and sidecar (applying ``policy``) to a fresh emulator
-    and returns the stored rows once every event the policy keeps has arrived."""
-    expected = kept_events(lines, policy)
+@contextmanager
+def sent_through_the_plugin(lines: list[bytes], policy: Path, cluster_name: str) -> Iterator[Store]:
+    """Sends the lines through plugin and sidecar (applying ``policy``) to a fresh emulator;
+    yields the emulator's store while both still run."""
     with tempfile.TemporaryDirectory(prefix="ar-") as short:  # a socket path stays < 108 bytes
         workdir = Path(short)
         sidecar = Sidecar.on_socket(workdir / "relay.sock", workdir / "state")
@@ -107,9 +108,17 @@ def deliver(lines: list[bytes], policy: Path, cluster_name: str) -> list[StoredR
             )
             for chunk in tail_chunks(lines):
                 flush_until_accepted(proxy, instance, chunk)
-            rows = stored_rows(Store.in_directory(sidecar.state_dir / "emulator"), expected)
+            yield Store.in_directory(sidecar.state_dir / "emulator")
         finally:
             proxy.shutdown()
             sidecar.stop()
+
+
+def deliver(lines: list[bytes], policy: Path, cluster_name: str) -> list[StoredRow]:
+    """Sends the lines through plugin and sidecar (applying ``policy``) to a fresh emulator
+    and returns the stored rows once every event the policy keeps has arrived."""
+    expected = kept_events(lines, policy)
+    with sent_through_the_plugin(lines, policy, cluster_name) as store:
+        rows = stored_rows(store, expected)
     assert expected == len(rows), "the workspace holds other rows than the policy keeps"
     return rows

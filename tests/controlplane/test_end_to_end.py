@@ -9,22 +9,11 @@ which applies the same policy and delivers to the bundled Logs Ingestion emulato
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import orjson
 import pytest
-from auditrelay.devtools.flbproxy import GoProxy, build_plugin
-from auditrelay.emulator.store import Store
-from harness.sidecar import Sidecar
 
 from controlplane.harness import ScenarioLog
-from controlplane.pipeline import (
-    audit_lines,
-    delivered_audit_ids,
-    flush_until_accepted,
-    tail_chunks,
-)
+from controlplane.pipeline import audit_lines, delivered_audit_ids, sent_through_the_plugin
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -40,29 +29,9 @@ def test_every_event_kube_apiserver_wrote_arrives_in_the_workspace(
     expected = {orjson.loads(line)["auditID"] for line in lines}
     assert expected, "kube-apiserver wrote no audit events"
 
-    with tempfile.TemporaryDirectory(prefix="ar-") as short:  # a socket path stays < 108 bytes
-        workdir = Path(short)
-        sidecar = Sidecar.on_socket(workdir / "relay.sock", workdir / "state")
-        sidecar.start()
-        proxy = GoProxy(build_plugin())
-        proxy.register()
-        try:
-            instance = proxy.init(
-                {
-                    "sidecar_address": sidecar.address,
-                    "sidecar_wait": "20s",
-                    "policy": str(policy_scenario_log.policy),
-                    "cluster_name": "controlplane-e2e",
-                }
-            )
-            for chunk in tail_chunks(lines):
-                flush_until_accepted(proxy, instance, chunk)
-            delivered = delivered_audit_ids(
-                Store.in_directory(sidecar.state_dir / "emulator"), expected
-            )
-        finally:
-            proxy.shutdown()
-            sidecar.stop()
+    policy = policy_scenario_log.policy
+    with sent_through_the_plugin(lines, policy, "controlplane-e2e") as store:
+        delivered = delivered_audit_ids(store, expected)
 
     assert set() == expected - delivered
     assert set() == delivered - expected
