@@ -11,9 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from auditrelay.emulator.tls import private_key_pem, write_private
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from fixtures.certs import CertificateAuthority, Pem, private_key_pem, write_private
+from fixtures.certs import CertificateAuthority, Pem
 
 __all__ = ["CertificateAuthority", "KeyPair", "write_kubeconfig", "write_signing_key"]
 

@@ -45,7 +45,7 @@ from auditrelay.emulator.settings import (
     SizeLimits,
 )
 from auditrelay.emulator.store import Store
-from auditrelay.emulator.tls import TlsFiles, ensure_certificates
+from auditrelay.emulator.tls import TlsFiles, ensure_certificates, write_private
 from auditrelay.emulator.tokens import TokenIssuer, load_signing_key
 
 __all__ = [
@@ -115,7 +115,7 @@ class Emulator:
             client_secrets=self.settings.client_secrets,
         )
         self.admin_key = secrets.token_urlsafe(24)
-        _write_private(self.state_dir / "admin.key", self.admin_key.encode())
+        write_private(self.state_dir / "admin.key", self.admin_key.encode())
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="emulator-store"
         )
@@ -302,13 +302,6 @@ class Emulator:
         EntraEndpoint(self).add_routes(app)
         AdminApi(self).add_routes(app)
         return app
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.unlink(missing_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(data)
 
 
 @contextmanager
