@@ -23,12 +23,11 @@ from controlplane.cluster import (
     ADMIN_USER,
     ANONYMOUS,
     DEVELOPER_USER,
-    HARNESS_USER,
     ControlPlane,
     ControlPlaneError,
     wait_until,
 )
-from controlplane.scenario import IMAGE, Kubectl
+from controlplane.scenario import IMAGE, RUNNING, Kubectl, merge_patch
 
 NAMESPACE = "attack"
 SERVICE_ACCOUNT = f"system:serviceaccount:{NAMESPACE}:default"
@@ -254,15 +253,8 @@ TECHNIQUES: tuple[Technique, ...] = (
         (
             Kube(
                 ADMIN_USER,
-                (
-                    "patch",
-                    "configmap",
-                    "coredns",
-                    "-n",
-                    "kube-system",
-                    "--type=merge",
-                    "-p",
-                    json.dumps({"data": {"Corefile": _NEW_COREFILE}}),
+                merge_patch(
+                    "configmap", "coredns", "kube-system", {"data": {"Corefile": _NEW_COREFILE}}
                 ),
             ),
         ),
@@ -306,17 +298,7 @@ TECHNIQUES: tuple[Technique, ...] = (
         (
             Kube(
                 ADMIN_USER,
-                (
-                    "patch",
-                    "pod",
-                    "privileged",
-                    "-n",
-                    NAMESPACE,
-                    "--subresource=status",
-                    "--type=merge",
-                    "-p",
-                    json.dumps({"status": {"phase": "Running"}}),
-                ),
+                merge_patch("pod", "privileged", NAMESPACE, RUNNING, "--subresource=status"),
             ),
             Kube(ADMIN_USER, ("exec", "-n", NAMESPACE, "privileged", "--", "id"), ok=False),
         ),
@@ -455,17 +437,7 @@ def _run(kubectl: Kubectl, action: Action, token: str) -> None:
 
 
 def _service_account_token(kubectl: Kubectl) -> str:
-    wait_until(
-        lambda: (
-            kubectl.run(
-                HARNESS_USER, ("get", "serviceaccount", "default", "-n", NAMESPACE)
-            ).returncode
-            == 0
-        ),
-        timeout=60,
-        what=f"service account {NAMESPACE}/default",
-        interval=0.3,
-    )
+    kubectl.await_default_service_account(NAMESPACE)
     done = kubectl.run(ADMIN_USER, ("create", "token", "default", "-n", NAMESPACE))
     if done.returncode != 0:
         raise ControlPlaneError(f"kubectl create token: {done.stderr}")

@@ -16,7 +16,7 @@ import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from controlplane.cluster import (
     ADMIN_USER,
@@ -35,6 +35,8 @@ NAMESPACE = "scenario"
 IMAGE = "registry.k8s.io/pause:3.10"
 LEVELS = ("None", "Metadata", "Request", "RequestResponse")
 ANONYMOUS_USERNAME = "system:anonymous"
+# A pod's status as a kubelet would report it: there is no kubelet to set it.
+RUNNING: Final[Mapping[str, Any]] = {"status": {"phase": "Running"}}
 IMPERSONATED_SERVICE_ACCOUNT = f"system:serviceaccount:{NAMESPACE}:default"
 
 Event = Mapping[str, Any]
@@ -206,6 +208,13 @@ def _create(
     )
 
 
+def merge_patch(
+    kind: str, name: str, namespace: str, patch: Mapping[str, Any], *flags: str
+) -> tuple[str, ...]:
+    """``kubectl patch`` arguments applying the JSON merge ``patch`` to one object."""
+    return ("patch", kind, name, "-n", namespace, *flags, "--type=merge", "-p", json.dumps(patch))
+
+
 def _pod_subresource_step(subresource: str, args: tuple[str, ...]) -> Step:
     """exec/attach/portforward: refused without a kubelet, but audited on the way in."""
     return Step(
@@ -300,17 +309,7 @@ def build_steps(secret_value: str) -> list[Step]:
         Step(
             "mark the privileged pod Running (there is no kubelet)",
             ADMIN_USER,
-            (
-                "patch",
-                "pod",
-                "privileged",
-                "-n",
-                NAMESPACE,
-                "--subresource=status",
-                "--type=merge",
-                "-p",
-                json.dumps({"status": {"phase": "Running"}}),
-            ),
+            merge_patch("pod", "privileged", NAMESPACE, RUNNING, "--subresource=status"),
         ),
         _pod_subresource_step("exec", ("exec", "-n", NAMESPACE, "privileged", "--", "id")),
         _pod_subresource_step("attach", ("attach", "-n", NAMESPACE, "privileged")),
@@ -494,15 +493,11 @@ def build_steps(secret_value: str) -> list[Step]:
         Step(
             "rewrite the cluster DNS configuration",
             ADMIN_USER,
-            (
-                "patch",
+            merge_patch(
                 "configmap",
                 "coredns",
-                "-n",
                 "kube-system",
-                "--type=merge",
-                "-p",
-                json.dumps({"data": {"Corefile": ".:53 {\n    forward . 198.51.100.53\n}\n"}}),
+                {"data": {"Corefile": ".:53 {\n    forward . 198.51.100.53\n}\n"}},
             ),
             expectations=(
                 Expectation(
@@ -637,6 +632,25 @@ class Kubectl:
             env={"PATH": "/usr/bin:/bin", "HOME": str(self.cache_dir)},
         )
 
+    def await_default_service_account(self, namespace: str) -> None:
+        """Pods (and tokens) can only be created once the service-account controller made
+        ``default`` in ``namespace``.
+
+        The harness's own identity polls, so the scenario's users leave the same requests every
+        run.
+        """
+        wait_until(
+            lambda: (
+                self.run(
+                    HARNESS_USER, ("get", "serviceaccount", "default", "-n", namespace)
+                ).returncode
+                == 0
+            ),
+            timeout=60,
+            what=f"service account {namespace}/default",
+            interval=0.3,
+        )
+
 
 def _run_step(kubectl: Kubectl, step: Step) -> StepResult:
     if step.raw_get is not None:
@@ -658,24 +672,6 @@ def _run_step(kubectl: Kubectl, step: Step) -> StepResult:
     return result
 
 
-def _await_default_service_account(kubectl: Kubectl) -> None:
-    """Pods can only be created once the service-account controller made ``default``.
-
-    The harness's own identity polls, so the scenario's users leave the same requests every run.
-    """
-    wait_until(
-        lambda: (
-            kubectl.run(
-                HARNESS_USER, ("get", "serviceaccount", "default", "-n", NAMESPACE)
-            ).returncode
-            == 0
-        ),
-        timeout=60,
-        what=f"service account {NAMESPACE}/default",
-        interval=0.3,
-    )
-
-
 def run(plane: ControlPlane, kubectl_binary: Path, *, noise: bool = True) -> ScenarioRun:
     """Run the scenario (and the noise) once against ``plane``."""
     kubectl = Kubectl(kubectl_binary, plane, plane.workdir / "kubectl-cache")
@@ -683,7 +679,7 @@ def run(plane: ControlPlane, kubectl_binary: Path, *, noise: bool = True) -> Sce
     outcome = ScenarioRun(secret_values={"db-password": secret_value})
     steps = build_steps(secret_value)
     outcome.results.append(_run_step(kubectl, steps[0]))
-    _await_default_service_account(kubectl)
+    kubectl.await_default_service_account(NAMESPACE)
     for step in steps[1:]:
         result = _run_step(kubectl, step)
         outcome.results.append(result)
