@@ -100,16 +100,22 @@ class _Component:
 
     def stop(self, timeout: float) -> bool:
         """SIGTERM and wait; SIGKILL after ``timeout``. True when it stopped on SIGTERM."""
-        if self.process is None or self.process.poll() is not None:
-            return True
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            return False
+        return self.process is None or stop_process(self.process, timeout)
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float) -> bool:
+    """SIGTERM and wait; SIGKILL after ``timeout``. True when it stopped on SIGTERM (or had
+    already ended)."""
+    if process.poll() is not None:
         return True
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return False
+    return True
 
 
 def _free_ports(count: int) -> list[int]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
-import signal
 import subprocess
 import threading
 from dataclasses import dataclass, field
@@ -28,7 +27,13 @@ from typing import Any
 import yaml
 
 from controlplane.build import Binaries
-from controlplane.cluster import _Component, _etcd_healthy, _free_ports, wait_until
+from controlplane.cluster import (
+    _Component,
+    _etcd_healthy,
+    _free_ports,
+    stop_process,
+    wait_until,
+)
 from controlplane.pki import CertificateAuthority, KeyPair, write_kubeconfig, write_signing_key
 
 REPO = Path(__file__).resolve().parents[2]
@@ -237,11 +242,5 @@ class StandInKubelet:
 
     def _kill_pod(self) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process is not None:
+            stop_process(process, 30)
