@@ -5,7 +5,8 @@ It starts the sidecar (``auditrelay serve`` as a subprocess on a Unix socket, th
 delivers to the bundled emulator), awaits it through grpc.health.v1, loads
 ``out_auditrelay.so`` and drives it the way Fluent Bit's Go proxy does
 (``auditrelay.devtools.flbproxy``). It sends a real audit log as Fluent Bit's tail input
-would (v2 events with EventTime, each line in ``log``, in chunks of at most 2 MiB), waits until
+would (v2 events with EventTime, each line in ``log``, in chunks of at most 2 MiB; event times
+moved forward so that the newest happened now, unless ``--recorded-times``), waits until
 the sidecar's /metrics show every kept event delivered, stops everything, and prints what
 arrived: events in, filtered out, delivered, bytes before and after the policy and on the wire,
 and a few rows from the emulator's store. The state (spool, emulator store, sidecar log) stays
@@ -23,7 +24,8 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
@@ -32,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from auditrelay.cli import EXIT_FINDING, EXIT_OK, add_output_option, print_json, read_audit_log
 from auditrelay.config import parse_duration
 from auditrelay.detections import BUNDLED_RULES, load_rules
+from auditrelay.devtools.demo_times import as_if_now
 from auditrelay.devtools.flbproxy import PLUGIN_PATH, GoProxy, InitError, Level, Result
 from auditrelay.devtools.sidecar import SidecarError, SidecarProcess
 from auditrelay.emulator import Store, StoredRow
@@ -83,6 +86,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         type=Path,
         default=Path(os.environ.get("AUDITRELAY_PLUGIN", str(PLUGIN_PATH))),
         help=f"out_auditrelay.so (env AUDITRELAY_PLUGIN; default: {PLUGIN_PATH})",
+    )
+    parser.add_argument(
+        "--recorded-times",
+        action="store_true",
+        help="send the events with their recorded times (default: moved forward so that the "
+        "newest happened now, as a live attack; the detections look back from the newest row)",
     )
     parser.add_argument("--rows", type=int, default=5, help="stored rows to show (default: 5)")
     parser.add_argument(
@@ -433,6 +442,8 @@ def detections_report(rows: Sequence[StoredRow], store_dir: Path) -> tuple[str, 
 def run(args: argparse.Namespace) -> int:
     """Runs the demo and prints what arrived; 1 when a kept event did not arrive."""
     audit_log = read_audit_logs(args.audit_log or BUNDLED_LOGS)
+    if not args.recorded_times:
+        audit_log = replace(audit_log, lines=as_if_now(audit_log.lines, datetime.now(UTC)))
     try:
         summary, rows = run_demo(audit_log, args.state_dir, args.plugin, args.timeout)
     except (DemoError, SidecarError) as error:
