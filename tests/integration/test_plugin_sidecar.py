@@ -336,7 +336,7 @@ def test_restarted_sidecar_costs_only_retries(proxy: GoProxy, sidecar: Sidecar, 
     assert (
         f"[output:auditrelay:auditrelay.0] pipeline {pipeline} configured again after a "
         "sidecar restart"
-    ) in proxy.lines(Level.INFO)
+    ) in proxy.lines(Level.INFO), (results, proxy.lines(), sidecar.log_text()[-6000:])
     assert [pipeline] == [event["pipeline_id"] for event in sidecar.events("pipeline_configured")][
         -1:
     ]
