@@ -88,6 +88,9 @@ class SidecarProcess:
         path = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
         started_before = len(self.events("server_started"))
         with self.log_path.open("ab") as log:
+            if log.tell() and not self.log_path.read_bytes().endswith(b"\n"):
+                log.write(b"\n")  # a SIGKILL cut the last line: the new process starts its own
+                log.flush()
             self.process = subprocess.Popen(
                 self.command(),
                 stdout=log,
@@ -172,7 +175,10 @@ class SidecarProcess:
         for line in self.log_text().splitlines():
             if not line.startswith("{"):
                 continue
-            record: dict[str, Any] = orjson.loads(line)
+            try:
+                record: dict[str, Any] = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue  # the last line of a process killed while writing it
             if record.get("event") == name:
                 records.append(record)
         return records
